@@ -1,0 +1,5 @@
+import sys
+
+from funcnodes_tw.launcher import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""
+The one bridge between asyncio (funcnodes-core) and Twisted (everything else).
+
+funcnodes-core schedules its node triggers with ``asyncio.create_task``, so the
+worker must run on Twisted's asyncio reactor: both then share one event loop and
+one thread, and a coroutine can be turned into a Deferred without any locking.
+"""
+
+import asyncio
+import inspect
+import sys
+
+from twisted.internet.defer import Deferred, succeed, fail
+
+
+class WrongReactor(Exception):
+    """
+    Another reactor was installed before we could install the asyncio one.
+    """
+
+
+def install_reactor():
+    """
+    Install Twisted's asyncio reactor unless it is already the installed one.
+
+    Called by the twistd plugin and the launcher before anything imports
+    C{twisted.internet.reactor}, so users never need C{--reactor=asyncio}.
+    """
+    if "twisted.internet.reactor" in sys.modules:
+        from twisted.internet import reactor
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+        if not isinstance(reactor, AsyncioSelectorReactor):
+            raise WrongReactor(
+                f"funcnodes_tw needs the asyncio reactor, but "
+                f"{type(reactor).__name__} is already installed"
+            )
+        return reactor
+    from twisted.internet import asyncioreactor
+
+    try:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+    asyncioreactor.install(loop)
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def event_loop():
+    """
+    The asyncio loop under the running reactor.
+    """
+    from twisted.internet import reactor
+
+    return reactor._asyncioEventloop
+
+
+def as_deferred(awaitable):
+    """
+    Run an asyncio awaitable as a task on the reactor's loop; return a Deferred.
+    """
+    return Deferred.fromFuture(asyncio.ensure_future(awaitable, loop=event_loop()))
+
+
+def call(function, *args, **kwargs):
+    """
+    Call a plain or C{async} function and always get a Deferred back.
+
+    Synchronous results and exceptions come back already fired, so a fast
+    command costs no extra reactor turn.
+    """
+    try:
+        result = function(*args, **kwargs)
+    except BaseException:
+        return fail()
+    if isinstance(result, Deferred):
+        return result
+    if inspect.iscoroutine(result):  # not isawaitable: a funcnodes Node is awaitable
+        return as_deferred(result)
+    return succeed(result)
+
+
+def call_soon(function, *args):
+    """
+    Run C{function} on the loop's next turn, after work already queued there.
+
+    Node-space events are flushed this way: a command's result, sent
+    synchronously when the command returns, goes out before the events the
+    command caused, exactly as the reference worker orders them.
+    """
+    return event_loop().call_soon(function, *args)

@@ -1,0 +1,72 @@
+"""
+The RPC commands clients call by name, and the table that maps names to them.
+
+A command is a plain function C{f(worker, **kwargs)}, sync or C{async}. The
+C{@command} decorator registers it under its own name; C{saves=True} marks
+commands whose success must reach disk (the save loop writes it within 1 s).
+"""
+
+import inspect
+from dataclasses import dataclass
+
+from funcnodes_tw import aio
+
+
+class UnknownCommand(ValueError):
+    pass
+
+
+class InvalidArguments(TypeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Command:
+    function: object
+    saves: bool
+    signature: inspect.Signature
+
+
+COMMANDS = {}
+
+
+def command(function=None, *, saves=False):
+    def register(function):
+        COMMANDS[function.__name__] = Command(function, saves, inspect.signature(function))
+        return function
+
+    return register if function is None else register(function)
+
+
+def run(worker, name, kwargs):
+    """
+    Run command C{name} with C{kwargs}; return a Deferred of its result.
+
+    Arguments are checked against the command's signature first, so a client
+    that sends a wrong or missing argument gets a clear message instead of a
+    TypeError raised from somewhere inside funcnodes-core.
+    """
+    try:
+        cmd = COMMANDS[name]
+    except (KeyError, TypeError):
+        raise UnknownCommand(f"Unknown command {name!r}") from None
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise InvalidArguments(f"kwargs of {name!r} must be an object")
+    try:
+        cmd.signature.bind(worker, **kwargs)
+    except TypeError as exc:
+        raise InvalidArguments(f"Invalid arguments for {name!r}: {exc}") from None
+    d = aio.call(cmd.function, worker, **kwargs)
+    if cmd.saves:
+        d.addCallback(_saved, worker)
+    return d
+
+
+def _saved(result, worker):
+    worker.request_save()
+    return result
+
+
+from funcnodes_tw.commands import library, nodes, state  # noqa: E402,F401  (registers)

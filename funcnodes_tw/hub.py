@@ -1,0 +1,80 @@
+"""
+The connected clients and the one way messages reach them.
+
+A broadcast is encoded once and the same bytes go to every client. A client
+receives broadcasts only after it sent its first message: the FuncNodes
+manager's liveness probe reads exactly one frame after asking for the uuid,
+and a broadcast arriving first would make it declare a live worker dead.
+"""
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from funcnodes_tw import wire
+
+_log = Logger()
+
+#: The reference's 10 % margin when deciding that a text message is too big.
+SIZE_MARGIN = 1.1
+
+
+class Hub:
+    def __init__(self, max_message_size, large_messages=None):
+        self.clients = set()
+        self.max_message_size = max_message_size
+        self.large_messages = large_messages
+        self._emptied = []
+
+    def join(self, client):
+        self.clients.add(client)
+
+    def leave(self, client):
+        self.clients.discard(client)
+        if not self.clients:
+            emptied, self._emptied = self._emptied, []
+            for d in emptied:
+                d.callback(None)
+
+    def _listeners(self):
+        return [client for client in self.clients if client.listening]
+
+    def _fit(self, payload):
+        """
+        Replace a text message that is too big for a frame by a pointer to
+        C{GET /message/<id>}, where the client fetches the full text.
+        """
+        if self.large_messages is None or len(payload) * SIZE_MARGIN <= self.max_message_size:
+            return payload
+        msgid = self.large_messages.put(payload)
+        return wire.dumps(wire.large_message(self.large_messages.url(msgid), msgid))
+
+    def send(self, client, message):
+        """
+        Send to one client, or to all when C{client} is None (HTTP commands).
+        """
+        payload = self._fit(wire.dumps(message))
+        for target in self._listeners() if client is None else [client]:
+            target.send_text(payload)
+
+    def broadcast(self, message):
+        self.send(None, message)
+
+    def send_frames(self, client, frames):
+        for target in self._listeners() if client is None else [client]:
+            for frame in frames:
+                target.send_binary(frame)
+
+    def broadcast_frames(self, frames):
+        self.send_frames(None, frames)
+
+    def close_all(self, reason, clock, timeout):
+        """
+        Close every connection; fires when all are gone, or after C{timeout}.
+        """
+        if not self.clients:
+            return succeed(None)
+        d = Deferred()
+        self._emptied.append(d)
+        for client in list(self.clients):
+            client.going_away(reason)
+        return d.addTimeout(timeout, clock, onTimeoutCancel=lambda result, timeout: None)

@@ -1,0 +1,120 @@
+"""
+The worker's HTTP face: one resource tree beside the WebSocket.
+
+C{/} upgrades to the WebSocket; C{/message/} serves and accepts large
+messages; C{/static/} serves the funcnodes-react-flow UI when it is installed,
+and C{/worker} tells that UI where to connect, so C{/static/index.html} works
+without a C{worker_url}. The tree can be mounted under any path of another
+Site (the UI derives every HTTP URL from the WebSocket URL it was given).
+"""
+
+import json
+from pathlib import Path
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.logger import Logger
+from twisted.web import resource, static
+from twisted.web.server import NOT_DONE_YET
+
+_log = Logger()
+
+
+def _text(request, code, text, content_type=b"text/plain; charset=utf-8"):
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", content_type)
+    return text.encode("utf-8") if isinstance(text, str) else text
+
+
+class Message(resource.Resource):
+    """
+    C{GET /message/<id>} returns a parked large message; C{POST /message/}
+    runs a command too big for a frame (its reply goes out over WebSocket).
+    """
+
+    def __init__(self, store, dispatcher):
+        super().__init__()
+        self.store = store
+        self.dispatcher = dispatcher
+
+    def getChild(self, path, request):
+        if path == b"":
+            return self
+        return _StoredMessage(self.store, path.decode("ascii", "replace"))
+
+    def render_GET(self, request):
+        return _text(request, 404, "Message not found")
+
+    def render_POST(self, request):
+        try:
+            message = self.dispatcher.parse(None, request.content.read())
+        except Exception:
+            message = None
+        if message is None:
+            return _text(request, 400, "Error processing message")
+        d = self.dispatcher.run(None, message)
+        if d is None:
+            return _text(request, 200, "Message received")
+
+        def done(_):
+            request.write(_text(request, 200, "Message received"))
+            request.finish()
+
+        d.addBoth(done)
+        return NOT_DONE_YET
+
+
+class _StoredMessage(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, store, msgid):
+        super().__init__()
+        self.store = store
+        self.msgid = msgid
+
+    def render_GET(self, request):
+        payload = self.store.get(self.msgid)
+        if payload is None:
+            return _text(request, 404, "Message not found")
+        return _text(request, 200, payload, b"application/json; charset=utf-8")
+
+
+class WorkerInfo(resource.Resource):
+    """
+    Where to connect: the host the browser used, and our port.
+    """
+
+    isLeaf = True
+
+    def __init__(self, worker):
+        super().__init__()
+        self.worker = worker
+
+    def render_GET(self, request):
+        host = request.getRequestHostname().decode("ascii", "replace")
+        info = {"host": host, "port": request.getHost().port, "ssl": request.isSecure()}
+        info.update(uuid=self.worker.uuid, name=self.worker.display_name())
+        return _text(request, 200, json.dumps(info), b"application/json")
+
+
+def ui_directory():
+    """
+    The installed funcnodes-react-flow UI, or None.
+    """
+    try:
+        import funcnodes_react_flow
+    except ImportError:
+        return None
+    folder = Path(funcnodes_react_flow.__file__).parent / "static"
+    return folder if folder.is_dir() else None
+
+
+def make_root(worker, factory, store, dispatcher):
+    root = resource.Resource()
+    root.putChild(b"", WebSocketResource(factory))
+    root.putChild(b"message", Message(store, dispatcher))
+    root.putChild(b"worker", WorkerInfo(worker))
+    ui = ui_directory()
+    if ui is not None:
+        root.putChild(b"static", static.File(str(ui)))
+    return root
+

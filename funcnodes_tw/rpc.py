@@ -1,0 +1,67 @@
+"""
+From a client's text frame to the reply: parsing, dispatch, result or error.
+
+Used by the WebSocket protocol and by C{POST /message/} (which has no
+connection, so its replies are broadcast, as the reference does).
+"""
+
+from twisted.logger import Logger
+
+from funcnodes_tw import commands, wire
+
+_log = Logger()
+
+
+class Dispatcher:
+    def __init__(self, worker, hub):
+        self.worker = worker
+        self.hub = hub
+
+    def parse(self, client, payload):
+        """
+        Decode a frame; answer pings and refuse garbage right away.
+
+        @return: the command message to run, or None when nothing is left to do.
+        """
+        try:
+            message = wire.loads(payload)
+        except wire.MessageError as exc:
+            self.hub.send(client, wire.error(exc, None))
+            return None
+        kind = message.get("type")
+        if kind == "ping":
+            if client is not None:
+                client.send_text(wire.PONG)
+            return None
+        if kind != "cmd":
+            return None
+        return message
+
+    def run(self, client, message):
+        """
+        Run one command message; the Deferred fires once the reply is sent.
+        """
+        msgid = message.get("id")
+        if "cmd" not in message:
+            self._error(client, wire.MessageError("A command message needs 'cmd'"), msgid)
+            return None
+        try:
+            d = commands.run(self.worker, message["cmd"], message.get("kwargs"))
+        except Exception as exc:
+            self._error(client, exc, msgid)
+            return None
+        d.addCallback(self._reply, client, msgid, message.get("as_bytes"))
+        d.addErrback(lambda failure: self._error(client, failure.value, msgid))
+        return d
+
+    def _reply(self, result, client, msgid, as_bytes):
+        if as_bytes:
+            mime, payload = wire.encode_value(result, preview=False)
+            header = {"id": msgid, "mime": mime, "type": "result"}
+            self.hub.send_frames(client, wire.binary_frames(payload, header))
+        else:
+            self.hub.send(client, wire.result(result, msgid))
+
+    def _error(self, client, exc, msgid):
+        _log.info("Command {id!r} failed: {error!r}", id=msgid, error=exc)
+        self.hub.send(client, wire.error(exc, msgid, self.worker.debug))

@@ -1,0 +1,227 @@
+"""
+The service tree of one worker.
+
+    WorkerService          files, state, registration; stop = save + close
+      ├─ listener          the one port (WebSocket + HTTP), standalone only
+      ├─ triggers          node triggers, every 5 ms while there is work
+      ├─ save              writes state within 1 s of a change
+      ├─ messages          expires parked large messages
+      └─ heartbeat         optional: stop when clients stop sending heartbeats
+
+A host application mounts C{WorkerService.resource} in its own Site and adds
+the service to its own tree; the standalone daemon adds a L{Listener}.
+"""
+
+import os
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from funcnodes_tw import libraries, loops, persistence
+from funcnodes_tw.commands.library import add_package_dependency
+from funcnodes_tw.hub import Hub
+from funcnodes_tw.messages import LargeMessageStore
+from funcnodes_tw.protocol import make_factory, protocol_options
+from funcnodes_tw.resources import make_root
+from funcnodes_tw.rpc import Dispatcher
+from funcnodes_tw.worker import Worker
+
+_log = Logger()
+
+CLOSE_TIMEOUT = 3.0
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def _alive(pid):
+    """
+    Whether C{pid} is a live FuncNodes process (a recycled pid is not).
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"funcnodes" in f.read()
+    except OSError:
+        return True
+
+
+def claim_process_file(path):
+    """
+    Write our pid to the C{.p} file unless a live worker owns it already.
+
+    A stale file (crash, SIGKILL) never blocks a start. Its content is only
+    ever read as a pid: unlike the reference, it is no command channel.
+    """
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        pid = None
+    if pid and pid != os.getpid() and _alive(pid):
+        raise AlreadyRunning(f"Worker already running with pid {pid} ({path})")
+    persistence.write_text(path, str(os.getpid()))
+
+
+class WorkerService(MultiService):
+    def __init__(self, worker, clock, max_message_size, required_heartbeat=None):
+        super().__init__()
+        self.setName("funcnodes-worker")
+        self.worker = worker
+        self.clock = clock
+        self.store = LargeMessageStore(clock, base_url=self._base_url)
+        self.hub = Hub(max_message_size, self.store)
+        worker.outlet = self.hub
+        self.dispatcher = Dispatcher(worker, self.hub)
+        self.factory = make_factory(self.hub, self.dispatcher, protocol_options(max_message_size))
+        self.resource = make_root(worker, self.factory, self.store, self.dispatcher)
+
+        self.triggers = loops.TriggerDrain(worker.nodespace, clock)
+        self.triggers.setServiceParent(self)
+        worker.on_activity = self.triggers.kick
+        loops.timer("save", loops.SAVE_INTERVAL, lambda: loops.save_if_requested(worker), clock).setServiceParent(self)
+        loops.timer("messages", loops.EXPIRE_INTERVAL, self.store.expire, clock).setServiceParent(self)
+        if required_heartbeat:
+            interval = min(5.0, required_heartbeat / 10)
+            loops.timer(
+                "heartbeat", interval, lambda: loops.heartbeat_check(worker, required_heartbeat), clock
+            ).setServiceParent(self)
+
+    def _base_url(self):
+        return f"http://{self.worker.host}:{self.worker.port}"
+
+    def startService(self):
+        self.prepare()
+        super().startService()
+
+    def prepare(self):
+        """
+        Load config, packages and the saved graph before anything listens.
+        """
+        worker, files = self.worker, self.worker.files
+        files.create()
+        claim_process_file(files.process)
+        worker.set_runstate("starting", "Loading config")
+        config = _read_config(files.config)
+        if config is None:
+            config = {p: {"package": p, "version": None} for p in libraries.DEFAULT_PACKAGES}
+            config = {"package_dependencies": config}
+        worker.config = config
+        if worker.name is None:
+            worker.name = config.get("name")
+        worker.set_runstate("starting", "Loading packages")
+        for name, dep in (config.get("package_dependencies") or {}).items():
+            try:
+                add_package_dependency(worker, name, version=(dep or {}).get("version"), sync=False)
+            except Exception as exc:
+                _log.error("Package {name} could not be loaded: {exc}", name=name, exc=exc)
+        worker.set_runstate("starting", "Loading nodespace")
+        try:
+            state = persistence.load_state(files.state)
+        except persistence.StateFileError as exc:
+            _log.error("{exc}", exc=exc)
+            state = None
+        if state is not None:
+            worker.load(state)
+        worker.save_requested = False
+        worker.worker_event("starting")
+
+    def listening(self, address):
+        """
+        Called once the port is bound: now the registration is true.
+        """
+        worker = self.worker
+        worker.host, worker.port = address.host, address.port
+        worker.write_config()
+        worker.set_runstate("running")
+        url = f"ws://{worker.host}:{worker.port}"
+        _log.info("Worker {uuid} listening on {url}", uuid=worker.uuid, url=url)
+        _log.info(
+            "Open the UI: http://{host}:{port}/static/index.html?worker_url={url}",
+            host=worker.host,
+            port=worker.port,
+            url=url,
+        )
+
+    def stopService(self):
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        worker = self.worker
+        worker.worker_event("stopping")
+        worker.set_runstate("stopped")
+        try:
+            await worker.save()
+        except Exception:
+            _log.failure("Saving on shutdown failed")
+        await self.hub.close_all("Server shutting down", self.clock, CLOSE_TIMEOUT)
+        self.store.clear()
+        await super().stopService()
+        persistence.remove(worker.files.process)
+        persistence.remove(worker.files.runstate)
+        _log.info("Worker {uuid} stopped", uuid=worker.uuid)
+
+
+def _read_config(path):
+    try:
+        config = persistence.read_json(path)
+    except ValueError as exc:
+        _log.error("Ignoring unreadable worker config {path}: {exc}", path=path, exc=exc)
+        return None
+    return config if isinstance(config, dict) else None
+
+
+class Listener(Service):
+    """
+    Listen on the first endpoint that is free, in order.
+
+    With several candidates (the default port search) a port in use moves on
+    to the next; with one, failing to listen stops the daemon with a clear
+    message instead of the reference's endless retry.
+    """
+
+    name = "listener"
+
+    def __init__(self, descriptions, factory, reactor, on_listening, on_failure):
+        self.descriptions = list(descriptions)
+        self.factory = factory
+        self.reactor = reactor
+        self.on_listening = on_listening
+        self.on_failure = on_failure
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        self.listened = defer.Deferred.fromCoroutine(self._listen())
+        self.listened.addErrback(self.on_failure)
+
+    async def _listen(self):
+        error = None
+        for description in self.descriptions:
+            try:
+                self.port = await serverFromString(self.reactor, description).listen(self.factory)
+            except CannotListenError as exc:
+                error = exc
+                continue
+            self.on_listening(self.port.getHost())
+            return self.port
+        raise error
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+def make_site(resource):
+    return Site(resource, parsePOSTFormSubmission=False)

@@ -1,0 +1,125 @@
+"""
+Command-line options and the service maker for C{twistd funcnodes-worker}
+and the C{funcnodes-tw} launcher.
+"""
+
+import os
+import re
+import sys
+from uuid import uuid4
+
+from twisted.internet.endpoints import quoteStringArgument
+from twisted.logger import Logger
+from twisted.python import usage
+
+from funcnodes_tw import aio, persistence
+
+_log = Logger()
+
+START_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", 9382))
+END_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_ENDPORT", 9582))
+MAX_MESSAGE_SIZE = int(os.environ.get("FUNCNODES_WS_WORKER_MAX_SIZE", 1024 * 1024))
+
+
+def _positive(kind):
+    def convert(text):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"must be positive, not {text}")
+        return value
+
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a FuncNodes worker: one node graph served over WebSocket and HTTP on "
+        "one port, compatible with the FuncNodes web UI and worker manager. "
+        "Without options a new worker is created under $FUNCNODES_CONFIG_DIR "
+        "(default ~/.funcnodes) on port 9382 or the next free one."
+    )
+    optFlags = [
+        ["debug", "d", "Log debug messages and send tracebacks to clients."],
+    ]
+    optParameters = [
+        ["uuid", "u", None, "Worker id; a new one is generated if omitted."],
+        ["name", "n", None, "Human-readable worker name."],
+        ["data-path", None, None, "Data directory (default <config>/workers/worker_<uuid>)."],
+        ["host", None, os.environ.get("FUNCNODES_HOST", "127.0.0.1"), "Interface to bind."],
+        ["port", "p", None, "TCP port (default: the worker's last port, else the first free from 9382).", int],
+        ["listen", "l", None, "A Twisted server endpoint string; overrides --host/--port."],
+        ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
+        ["max-message-size", None, MAX_MESSAGE_SIZE, "Largest WebSocket message in bytes.", _positive(int)],
+    ]
+
+    def postOptions(self):
+        if self["uuid"] is None:
+            self["uuid"] = new_uuid(self["name"])
+        elif not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", self["uuid"]):
+            raise usage.UsageError("--uuid may only contain letters, digits, '.', '_' and '-'")
+
+
+def new_uuid(name=None):
+    if name:
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:16]
+        if slug:
+            return f"{slug}_{uuid4().hex[:16]}"
+    return uuid4().hex
+
+
+def listen_descriptions(options, files):
+    """
+    Endpoint strings to try in order: the one asked for, or a port search.
+    """
+    if options["listen"]:
+        return [options["listen"]]
+    host = quoteStringArgument(options["host"])
+    port = options["port"]
+    if port is None:
+        saved = (persistence.read_json(files.config) or {}) if files.config.exists() else {}
+        port = saved.get("port")
+    if port is not None:
+        return [f"tcp:port={port}:interface={host}"]
+    return [f"tcp:port={p}:interface={host}" for p in range(START_PORT, END_PORT + 1)]
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        reactor = aio.install_reactor()
+    from funcnodes_tw.service import Listener, WorkerService, make_site
+    from funcnodes_tw.worker import Worker
+
+    files = persistence.WorkerFiles(options["uuid"], options["data-path"])
+    worker = Worker(files, options["uuid"], name=options["name"], debug=options["debug"], clock=reactor)
+    service = WorkerService(
+        worker, reactor, options["max-message-size"], options["required-heartbeat"]
+    )
+    worker.stop = reactor.stop
+
+    def failed(failure):
+        _log.critical("Cannot listen: {error}", error=failure.value)
+        service.exit_code = 1
+        reactor.stop()
+
+    Listener(
+        listen_descriptions(options, files),
+        make_site(service.resource),
+        reactor,
+        service.listening,
+        failed,
+    ).setServiceParent(service)
+    return service
+
+
+def _fail_early():
+    """
+    Install the asyncio reactor now, before twistd imports the default one.
+    """
+    try:
+        aio.install_reactor()
+    except aio.WrongReactor as exc:
+        sys.exit(f"twistd funcnodes-worker: {exc}; drop --reactor or use --reactor=asyncio")
+
+
+_fail_early()

@@ -1,0 +1,139 @@
+"""
+What goes over the wire: JSON message shapes and binary frames.
+
+Every shape here is the reference worker's (PROTOCOL.md sections 2-4), so the
+real clients keep working; only the encoder is faster (orjson, with
+funcnodes-core's encoders as the fallback for objects it does not know).
+"""
+
+import json
+import traceback
+import uuid
+
+import orjson
+from funcnodes_core import ByteEncoder, BytesEncdata, JSONEncoder
+
+_OPTIONS = (
+    orjson.OPT_NON_STR_KEYS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+PONG = b'{"type": "pong"}'
+
+
+class MessageError(ValueError):
+    """
+    A client message that cannot be processed; the text goes back to it.
+    """
+
+
+def _default(obj):
+    return JSONEncoder.apply_custom_encoding(obj, preview=False)
+
+
+def dumps(obj):
+    """
+    Encode C{obj} as UTF-8 JSON bytes, applying funcnodes-core's encoders.
+
+    Integers beyond 64 bits, which orjson refuses, take the slow standard path.
+    """
+    try:
+        return orjson.dumps(obj, default=_default, option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, cls=JSONEncoder).encode("utf-8")
+
+
+def loads(payload):
+    """
+    Parse one client text frame into a message dict.
+
+    @raise MessageError: for text that is not a JSON object.
+    """
+    try:
+        message = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise MessageError(f"Invalid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise MessageError("A message must be a JSON object")
+    return message
+
+
+def result(value, msgid):
+    return {"type": "result", "result": value, "id": msgid}
+
+
+def error(exc, msgid, debug=False):
+    """
+    The error reply; tracebacks reveal paths, so they go out only in debug mode.
+    """
+    tb = traceback.format_exception(exc) if debug else []
+    return {"type": "error", "error": str(exc), "tb": tb, "id": msgid}
+
+
+def error_event(exc, debug=False):
+    tb = traceback.format_exception(exc) if debug else []
+    return {"type": "error_event", "error": repr(exc), "tb": tb}
+
+
+def progress(message, status, progress, blocking):
+    return {
+        "type": "progress",
+        "message": message,
+        "status": status,
+        "progress": progress,
+        "blocking": blocking,
+    }
+
+
+def workerevent(event, **data):
+    """
+    A worker event; the payload is nested twice, as the reference sends it.
+    """
+    return {"type": "workerevent", "event": event, "data": {"data": data}}
+
+
+def nsevent(event, data):
+    return {"type": "nsevent", "event": event, "data": data}
+
+
+def large_message(url, msgid):
+    return {"type": "large_message", "url": url, "msg_id": msgid}
+
+
+def encode_value(value, preview):
+    """
+    Byte-encode a value with funcnodes-core's ByteEncoder: (mime, payload).
+    """
+    encoded = value if isinstance(value, BytesEncdata) else ByteEncoder.encode(value, preview=preview)
+    return encoded.mime, encoded.data
+
+
+def _header_value(value):
+    # ";" separates pairs and "\r\n\r\n" ends the header: neither may leak in.
+    return str(value).replace(";", ",").replace("\r", " ").replace("\n", " ")
+
+
+def binary_frames(payload, header, max_frame=None):
+    """
+    Split C{payload} into binary WebSocket frames with the reference's header.
+
+    Each frame is C{chunk=i/n;msgid=<uuid>;k=v; k=v\\r\\n\\r\\n<bytes>}. The real
+    UI reassembles multi-chunk messages wrongly, so C{max_frame=None} (one
+    frame) is the default; chunking is for clients that ask for it.
+    """
+    body = (
+        "; ".join(f"{key}={_header_value(value)}" for key, value in header.items())
+        + "\r\n\r\n"
+    ).encode("utf-8")
+    msgid = uuid.uuid4()
+    if max_frame is None:
+        return [f"chunk=1/1;msgid={msgid};".encode("ascii") + body + payload]
+    room = max_frame - len(body) - len(f"chunk=99999/99999;msgid={msgid};")
+    if room <= 0:
+        raise ValueError("binary frame header larger than the frame size")
+    slices = [payload[i : i + room] for i in range(0, len(payload), room)] or [b""]
+    return [
+        f"chunk={n}/{len(slices)};msgid={msgid};".encode("ascii") + body + part
+        for n, part in enumerate(slices, 1)
+    ]

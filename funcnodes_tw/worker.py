@@ -1,0 +1,288 @@
+"""
+The worker's state: one node space, its identity and what clients are told.
+
+L{Worker} owns no sockets and no timers. It turns node-space events into wire
+messages for an outlet (the L{funcnodes_tw.hub.Hub}), remembers whether a save
+is due, and is what the RPC commands in L{funcnodes_tw.commands} act on.
+"""
+
+import os
+from uuid import uuid4
+
+import funcnodes_core as fn
+from funcnodes_core.utils import saving
+from twisted.internet.defer import DeferredLock
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from funcnodes_tw import aio, persistence, wire
+
+_log = Logger()
+
+#: Node-space events the reference never forwards (PROTOCOL.md section 6).
+SUPPRESSED = frozenset(
+    {
+        "before_set_value",
+        "before_request_trigger",
+        "after_request_trigger",
+        "before_disconnect",
+        "before_connect",
+        "before_trigger",
+        "after_trigger",
+        "before_unforward",
+        "before_forward",
+    }
+)
+
+DEFAULT_POS = (0, 0)
+DEFAULT_SIZE = (200, 250)
+
+
+class NullOutlet:
+    """
+    Where messages go while no server is attached (tests, startup).
+    """
+
+    def broadcast(self, message):
+        pass
+
+    def broadcast_frames(self, frames):
+        pass
+
+
+class Worker:
+    """
+    One FuncNodes worker: a node space plus identity, view and progress state.
+    """
+
+    def __init__(self, files, uuid, name=None, debug=False, outlet=None, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.last_heartbeat = clock.seconds()
+        self.files = files
+        self.uuid = uuid
+        self.name = name
+        self.debug = debug
+        self.outlet = outlet or NullOutlet()
+        self.host = None
+        self.port = None
+        self.ssl = False
+        self.runstate = "undefined"
+        self.config = {}
+        self.package_dependencies = {}
+        self.nodespace_id = uuid4().hex
+        self.viewdata = {"renderoptions": fn.config.FUNCNODES_RENDER_OPTIONS}
+        self.progress_state = {"message": "", "status": "", "progress": 0, "blocking": False}
+        self.save_requested = False
+        self.on_activity = lambda: None
+        self.stop = lambda: None
+        self._later = []
+        self._save_lock = DeferredLock()
+        self.nodespace = fn.NodeSpace()
+        self.nodespace.on("*", self._on_nodespace_event)
+        self.nodespace.on_error(self._on_nodespace_error)
+        self.nodespace.lib.on("*", self._on_lib_event)
+        self._set_files_dir()
+
+    # region outgoing messages
+
+    def send(self, message):
+        """
+        Broadcast now: progress and worker events a command awaits itself.
+        """
+        self.outlet.broadcast(message)
+
+    def send_later(self, function, *args):
+        """
+        Queue work for the loop's next turn, in order, after the current command.
+        """
+        if not self._later:
+            aio.call_soon(self._flush)
+        self._later.append((function, args))
+
+    def _flush(self):
+        pending, self._later = self._later, []
+        for function, args in pending:
+            try:
+                function(*args)
+            except Exception:
+                _log.failure("Sending an event failed")
+
+    def worker_event(self, event, **data):
+        self.send(wire.workerevent(event, **data))
+
+    def set_progress(self, message, status, progress, blocking):
+        self.progress_state = {
+            "message": message,
+            "status": status,
+            "progress": progress,
+            "blocking": blocking,
+        }
+        self.send(wire.progress(**self.progress_state))
+
+    def send_io_value(self, node, io, value):
+        mime, payload = wire.encode_value(value, preview=True)
+        header = {"node": node, "io": io, "mime": mime, "type": "io_value", "preview": "1"}
+        self.outlet.broadcast_frames(wire.binary_frames(payload, header))
+
+    def _on_nodespace_event(self, event, src=None, **data):
+        self.on_activity()
+        if event in SUPPRESSED:
+            return
+        if event == "after_set_value":
+            self.send_later(self.send_io_value, data["node"], data["io"], data["result"])
+            return
+        if event == "node_trigger_error":
+            _log.warn("Node {node} failed: {error}", node=data.get("node"), error=data.get("error"))
+        self.send_later(self.send, wire.nsevent(event, data))
+
+    def _on_nodespace_error(self, error, src=None):
+        _log.error("Node space error: {error!r}", error=error)
+        self.send_later(self.send, wire.error_event(error, self.debug))
+
+    def _on_lib_event(self, event, **data):
+        self.send_later(self.worker_event, "lib_update")
+
+    # endregion
+    # region state
+
+    def request_save(self):
+        self.save_requested = True
+
+    def save(self, state=None):
+        """
+        Write C{nodespace.json} and the registration file.
+
+        The state is serialized here, on the reactor, where the graph cannot
+        change under us; the disk writes run in a thread, one save at a time.
+        """
+        self.save_requested = False
+        payload = wire.dumps(self.save_state() if state is None else state)
+        config = self.worker_json()
+        self.config = config
+        return self._save_lock.run(
+            deferToThread, _write_saved, self.files, payload, config
+        )
+
+    def _set_files_dir(self):
+        self.files.files.mkdir(parents=True, exist_ok=True)
+        self.nodespace.set_secret_property("files_dir", self.files.files.as_posix())
+
+    def display_name(self):
+        return self.name or self.uuid
+
+    def meta(self):
+        return {"id": self.nodespace_id, "version": fn.__version__}
+
+    def set_nodespace_id(self, nsid):
+        if not isinstance(nsid, str) or len(nsid) != 32:
+            raise ValueError("nsid must be 32 characters long")
+        self.nodespace_id = nsid
+
+    def view_state(self):
+        self.viewdata["renderoptions"] = fn.config.FUNCNODES_RENDER_OPTIONS
+        view = dict(self.viewdata)
+        view["nodes"] = {
+            node.uuid: {
+                "pos": node.get_property("frontend:pos", DEFAULT_POS),
+                "size": node.get_property("frontend:size", DEFAULT_SIZE),
+            }
+            for node in self.nodespace.nodes
+        }
+        return view
+
+    def save_state(self):
+        """
+        The WorkerState that C{nodespace.json} holds (PROTOCOL.md 12.2).
+        """
+        view = self.view_state()
+        view.pop("nodes", None)
+        return {
+            "backend": saving.serialize_nodespace_for_saving(self.nodespace),
+            "view": view,
+            "meta": self.meta(),
+            "external_workers": {},
+        }
+
+    def worker_json(self):
+        """
+        The registration file's content (PROTOCOL.md 9.2), with live host/port.
+        """
+        config = dict(self.config)
+        fields = {
+            "type": "WSWorker",
+            "uuid": self.uuid,
+            "name": self.name,
+            "data_path": (
+                None if self.files.data == self.files.default_data else str(self.files.data)
+            ),
+            "env_path": config.get("env_path"),
+            "worker_dependencies": config.get("worker_dependencies", {}),
+            "package_dependencies": dict(self.package_dependencies),
+            "pid": os.getpid(),
+            "autostart": config.get("autostart", "never"),
+            "update_on_startup": {
+                "funcnodes": True,
+                "funcnodes-core": True,
+                "funcnodes-worker": True,
+                **config.get("update_on_startup", {}),
+            },
+            "host": self.host,
+            "port": self.port,
+            "ssl": self.ssl,
+        }
+        for key in fields:
+            config.pop(key, None)
+        fields.update(config)
+        config = fields
+        return config
+
+    def set_runstate(self, state, detail=None):
+        self.runstate = state
+        text = state if detail is None else f"{state}\n{detail}"
+        persistence.write_text(self.files.runstate, text)
+
+    def write_config(self):
+        config = self.worker_json()
+        persistence.write_config(self.files.config, config)
+        self.config = config
+        return config
+
+    def clear(self):
+        self.nodespace.clear()
+        self._set_files_dir()
+
+    def load(self, state):
+        """
+        Replace the graph with a saved WorkerState (PROTOCOL.md 12.2).
+        """
+        self.clear()
+        backend = state.get("backend") or {"nodes": [], "edges": [], "prop": {}}
+        meta = state.get("meta") or {}
+        if "id" in meta:
+            self.set_nodespace_id(meta["id"])
+        self.viewdata = state.get("view") or {"renderoptions": {}}
+        self.nodespace.deserialize(backend)
+        self.nodespace.remove_property("files_dir")
+        self._set_files_dir()
+        for nid, view in (self.viewdata.get("nodes") or {}).items():
+            try:
+                node = self.nodespace.get_node_by_id(nid)
+            except Exception:
+                continue
+            set_node_view(node, view)
+
+    # endregion
+
+
+def _write_saved(files, payload, config):
+    persistence.write_atomic(files.state, payload)
+    persistence.write_config(files.config, config)
+
+
+def set_node_view(node, view):
+    if view.get("pos"):
+        node.set_property("frontend:pos", view["pos"])
+    if view.get("size"):
+        node.set_property("frontend:size", view["size"])
