@@ -32,14 +32,38 @@ def _default(obj):
     return JSONEncoder.apply_custom_encoding(obj, preview=False)
 
 
+_INT64 = range(-(2**63), 2**64)
+
+
+def _big_ints(obj):
+    """
+    A copy of C{obj} with integers beyond 64 bits as pre-rendered fragments.
+    """
+    if isinstance(obj, int) and not isinstance(obj, bool) and obj not in _INT64:
+        return orjson.Fragment(str(obj).encode("ascii"))
+    if isinstance(obj, dict):
+        return {key: _big_ints(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_big_ints(value) for value in obj]
+    return obj
+
+
 def dumps(obj):
     """
     Encode C{obj} as UTF-8 JSON bytes, applying funcnodes-core's encoders.
 
-    Integers beyond 64 bits, which orjson refuses, take the slow standard path.
+    Integers beyond 64 bits, which orjson refuses, are rendered as fragments
+    (NaN still becomes null); only what orjson cannot do at all (nesting deeper
+    than 255, lone surrogates) takes the slow standard path.
     """
     try:
         return orjson.dumps(obj, default=_default, option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        return orjson.dumps(
+            _big_ints(obj), default=lambda o: _big_ints(_default(o)), option=_OPTIONS
+        )
     except orjson.JSONEncodeError:
         return json.dumps(obj, cls=JSONEncoder).encode("utf-8")
 

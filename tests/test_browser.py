@@ -108,29 +108,36 @@ def _drive_ui(chromium: str, url: str, shots: Path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.set_default_timeout(10_000)
+            steps = ["start"]
             problems: list[str] = []
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on(
-                "console",
-                lambda msg: msg.type == "error" and problems.append(f"console: {msg.text}"),
-            )
-            _scenario(FuncNodesUI(page), expect, url, shots)
+
+            def on_page_error(exc):
+                problems.append(f"after {steps[-1]}: uncaught {exc.stack or exc}")
+
+            def on_console(msg):
+                if msg.type == "error":
+                    problems.append(f"after {steps[-1]}: console error {msg.text}")
+
+            def shot(name: str):
+                steps.append(name)
+                page.screenshot(path=str(shots / f"{name}.png"))
+
+            page.on("pageerror", on_page_error)
+            page.on("console", on_console)
+            _scenario(FuncNodesUI(page), expect, url, shot)
+            # The reference worker produces none of these; they point at protocol mismatches.
             assert not problems, "browser reported errors:\n" + "\n".join(problems)
         finally:
             browser.close()
 
 
-def _scenario(ui: FuncNodesUI, expect, url: str, shots: Path):
+def _scenario(ui: FuncNodesUI, expect, url: str, shot):
     """Add -> Mul graph: (2 + 3.5) * 4, then change an upstream input and watch it propagate.
 
     Output previews are rendered by the UI as JSON strings of the decoded binary io_value
     frame, hence the quotes in the expected texts (e.g. ``"5.5"``).
     """
     page = ui.page
-
-    def shot(name: str):
-        page.screenshot(path=str(shots / f"{name}.png"))
-
     page.goto(url)
     ui.open_library()
     # The shelf only appears once the UI got a full library from the worker.

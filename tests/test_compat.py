@@ -216,7 +216,10 @@ class Session:
                 "add_package_dependency", msg_id="setup-dep", name="funcnodes-basic", timeout=60
             )
         yield self.settle(0.5)
-        self.clients["B"] = yield connect(self.reactor, self.worker.url)
+        b = self.clients["B"] = yield connect(self.reactor, self.worker.url)
+        # Like the UI, B talks first: a worker may hold broadcasts back until a client has
+        # spoken (PROTOCOL.md §10.5, the manager's uuid probe), which the reference doesn't.
+        yield b.call("get_runstate", msg_id="setup-B")
         yield self.settle()
         self.starts = {name: len(c.transcript) for name, c in self.clients.items()}
 
@@ -359,10 +362,10 @@ def test_same_session_same_transcript(tmp_path):
     workers = yield _start_all(
         [lambda: start_reference(tmp_path, name="reference", reactor=reactor), other_start]
     )
+    sessions = [Session(reactor, w) for w in workers]
     try:
-        sessions = [Session(reactor, w) for w in workers]
         # Concurrent sessions halve the runtime; each waits for its own quiet periods.
-        yield defer.gatherResults([s.run() for s in sessions], consumeErrors=True)
+        outcomes = yield defer.DeferredList([s.run() for s in sessions], consumeErrors=True)
     finally:
         yield defer.DeferredList([w.stop() for w in workers])
 
@@ -372,9 +375,17 @@ def test_same_session_same_transcript(tmp_path):
             path = tmp_path / f"{session.worker.name}.{client}.json"
             path.write_text("\n".join(canonical(m) for m in messages) + "\n")
 
+    ref_ok, ref_outcome = outcomes[0]
+    if not ref_ok:
+        ref_outcome.raiseException()
     _check_reference_sanity(sessions[0])
     for client in ("A", "B"):
-        assert [canonical(m) for m in ref[client]] == [canonical(m) for m in other[client]], (
-            describe_difference(f"client {client}", ref[client], other[client])
-            + f"\n(full transcripts in {tmp_path})"
-        )
+        if [canonical(m) for m in ref[client]] != [canonical(m) for m in other[client]]:
+            pytest.fail(
+                describe_difference(f"client {client}", ref[client], other[client])
+                + f"\n(normalised transcripts in {tmp_path})",
+                pytrace=False,
+            )
+    other_ok, other_outcome = outcomes[1]
+    if not other_ok:
+        other_outcome.raiseException()

@@ -111,9 +111,13 @@ def clear(worker):
 @command
 def stop_worker(worker):
     """
-    Stop after the reply: unlike the reference, the client gets C{true}.
+    Stop after the reply. Unlike the reference the client gets C{true}, and
+    gets it first: the FuncNodes manager reads exactly one frame after asking.
     """
-    worker.set_progress("Stopping worker", "info", 0.0, False)
-    worker.clock.callLater(0, worker.stop)
-    worker.set_progress("Stopping worker", "info", 1, False)
+    worker.send_later(_shutdown, worker)
     return True
+
+
+def _shutdown(worker):
+    worker.set_progress("Stopping worker", "info", 0.0, False)
+    worker.stop()
