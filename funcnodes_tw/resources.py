@@ -1,11 +1,11 @@
 """
 The worker's HTTP face: one resource tree beside the WebSocket.
 
-C{/} upgrades to the WebSocket; C{/message/} serves and accepts large
-messages; C{/static/} serves the funcnodes-react-flow UI when it is installed,
-and C{/worker} tells that UI where to connect, so C{/static/index.html} works
-without a C{worker_url}. The tree can be mounted under any path of another
-Site (the UI derives every HTTP URL from the WebSocket URL it was given).
+C{/} upgrades to the WebSocket, and sends a browser to the UI; C{/message/}
+serves and accepts large messages; C{/static/} serves the funcnodes-react-flow
+UI when it is installed, and C{/worker} tells that UI where to connect. The
+tree can be mounted under any path of another Site: the UI derives every HTTP
+URL from the WebSocket URL it was given.
 """
 
 import json
@@ -23,6 +23,31 @@ def _text(request, code, text, content_type=b"text/plain; charset=utf-8"):
     request.setResponseCode(code)
     request.setHeader(b"content-type", content_type)
     return text.encode("utf-8") if isinstance(text, str) else text
+
+
+class Front(resource.Resource):
+    """
+    C{/}: the WebSocket for clients; a redirect to the UI for a browser.
+    """
+
+    isLeaf = True
+
+    def __init__(self, websocket, ui):
+        super().__init__()
+        self.websocket = websocket
+        self.ui = ui
+
+    def render(self, request):
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade == b"websocket" or self.ui is None or request.method != b"GET":
+            return self.websocket.render(request)
+        scheme = "wss" if request.isSecure() else "ws"
+        address = request.getHost()
+        host = (request.getHeader(b"host") or b"").decode("ascii", "replace")
+        host = host or f"{address.host}:{address.port}"
+        path = request.path.decode("ascii", "replace")
+        request.redirect(f"static/index.html?worker_url={scheme}://{host}{path}".encode())
+        return b""
 
 
 class Message(resource.Resource):
@@ -109,11 +134,11 @@ def ui_directory():
 
 
 def make_root(worker, factory, store, dispatcher):
+    ui = ui_directory()
     root = resource.Resource()
-    root.putChild(b"", WebSocketResource(factory))
+    root.putChild(b"", Front(WebSocketResource(factory), ui))
     root.putChild(b"message", Message(store, dispatcher))
     root.putChild(b"worker", WorkerInfo(worker))
-    ui = ui_directory()
     if ui is not None:
         root.putChild(b"static", static.File(str(ui)))
     return root

@@ -145,12 +145,7 @@ class WorkerService(MultiService):
         worker.set_runstate("running")
         url = f"ws://{worker.host}:{worker.port}"
         _log.info("Worker {uuid} listening on {url}", uuid=worker.uuid, url=url)
-        _log.info(
-            "Open the UI: http://{host}:{port}/static/index.html?worker_url={url}",
-            host=worker.host,
-            port=worker.port,
-            url=url,
-        )
+        _log.info("Open the UI: http://{host}:{port}/", host=worker.host, port=worker.port)
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
