@@ -12,9 +12,12 @@ import json
 from pathlib import Path
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.web import resource, static
+from twisted.web import resource, server, static
 from twisted.web.server import NOT_DONE_YET
+
+from funcnodes_tw import uploads
 
 _log = Logger()
 
@@ -103,6 +106,57 @@ class _StoredMessage(resource.Resource):
         return _text(request, 200, payload, b"application/json; charset=utf-8")
 
 
+class Upload(resource.Resource):
+    """
+    C{POST /upload/}: multipart C{file} parts into the worker's C{files/}.
+
+    The body was spooled to a temporary file by Twisted Web (see
+    L{LimitedRequest}); it is parsed and written in a thread.
+    """
+
+    isLeaf = True
+
+    def __init__(self, worker):
+        super().__init__()
+        self.worker = worker
+
+    def render_POST(self, request):
+        if getattr(request, "too_large", False):
+            return _text(request, 413, "Upload too large")
+        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        if not content_type.lower().startswith("multipart/form-data"):
+            return _text(request, 400, "Expected multipart/form-data")
+        request.content.seek(0)
+        d = deferToThread(
+            uploads.store_multipart, request.content, content_type, self.worker.files.files
+        )
+        d.addCallbacks(_upload_reply, _upload_error, errbackArgs=())
+        d.addCallback(lambda reply: _finish(request, *reply))
+        return NOT_DONE_YET
+
+
+def _upload_reply(paths):
+    if not paths:
+        return 400, "No files uploaded", b"text/plain; charset=utf-8"
+    body = json.dumps({"file": uploads.common_path(paths)})
+    return 200, body, b"application/json"
+
+
+def _upload_error(failure):
+    if failure.check(uploads.BadFilename):
+        return 400, str(failure.value), b"text/plain; charset=utf-8"
+    if failure.check(uploads.TooLarge):
+        return 413, "Upload too large", b"text/plain; charset=utf-8"
+    _log.failure("Upload failed", failure)
+    return 500, "Error processing folder upload", b"text/plain; charset=utf-8"
+
+
+def _finish(request, code, text, content_type):
+    if not request.finished and not request._disconnected:
+        request.write(_text(request, code, text, content_type))
+        request.finish()
+
+
 class WorkerInfo(resource.Resource):
     """
     Where to connect: the host the browser used, and our port.
@@ -133,12 +187,46 @@ def ui_directory():
     return folder if folder.is_dir() else None
 
 
+class LimitedRequest(server.Request):
+    """
+    A request whose body beyond C{site.max_body} bytes is discarded, not
+    stored: the resource then answers 413 instead of buffering gigabytes.
+    """
+
+    too_large = False
+
+    def gotLength(self, length):
+        limit = getattr(self.channel.site, "max_body", None)
+        if limit is not None and length is not None and length > limit:
+            self.too_large = True
+        super().gotLength(None if self.too_large else length)
+        self._body_bytes = 0
+
+    def handleContentChunk(self, data):
+        limit = getattr(self.channel.site, "max_body", None)
+        self._body_bytes += len(data)
+        if limit is not None and self._body_bytes > limit:
+            self.too_large = True
+        if not self.too_large:
+            super().handleContentChunk(data)
+
+
+def make_site(resource, max_body=None):
+    """
+    One Site for the WebSocket and HTTP: bodies are not parsed into memory.
+    """
+    site = server.Site(resource, requestFactory=LimitedRequest, parsePOSTFormSubmission=False)
+    site.max_body = max_body
+    return site
+
+
 def make_root(worker, factory, store, dispatcher):
     ui = ui_directory()
     root = resource.Resource()
     root.putChild(b"", Front(WebSocketResource(factory), ui))
     root.putChild(b"message", Message(store, dispatcher))
     root.putChild(b"worker", WorkerInfo(worker))
+    root.putChild(b"upload", Upload(worker))
     if ui is not None:
         root.putChild(b"static", static.File(str(ui)))
     return root

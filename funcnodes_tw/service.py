@@ -19,7 +19,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from funcnodes_tw import libraries, loops, persistence
 from funcnodes_tw.commands.library import add_package_dependency
@@ -216,7 +215,3 @@ class Listener(Service):
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
-
-
-def make_site(resource):
-    return Site(resource, parsePOSTFormSubmission=False)

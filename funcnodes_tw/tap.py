@@ -19,6 +19,7 @@ _log = Logger()
 START_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", 9382))
 END_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_ENDPORT", 9582))
 MAX_MESSAGE_SIZE = int(os.environ.get("FUNCNODES_WS_WORKER_MAX_SIZE", 1024 * 1024))
+MAX_UPLOAD_SIZE = int(os.environ.get("FUNCNODES_WS_WORKER_MAX_DATA_SIZE", 10 * 1024**3))
 
 
 def _positive(kind):
@@ -51,6 +52,7 @@ class Options(usage.Options):
         ["listen", "l", None, "A Twisted server endpoint string; overrides --host/--port."],
         ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
         ["max-message-size", None, MAX_MESSAGE_SIZE, "Largest WebSocket message in bytes.", _positive(int)],
+        ["max-upload-size", None, MAX_UPLOAD_SIZE, "Largest HTTP request body in bytes.", _positive(int)],
     ]
 
     def postOptions(self):
@@ -87,7 +89,8 @@ def listen_descriptions(options, files):
 def makeService(options, reactor=None):
     if reactor is None:
         reactor = aio.install_reactor()
-    from funcnodes_tw.service import Listener, WorkerService, make_site
+    from funcnodes_tw.resources import make_site
+    from funcnodes_tw.service import Listener, WorkerService
     from funcnodes_tw.worker import Worker
 
     files = persistence.WorkerFiles(options["uuid"], options["data-path"])
@@ -104,7 +107,7 @@ def makeService(options, reactor=None):
 
     Listener(
         listen_descriptions(options, files),
-        make_site(service.resource),
+        make_site(service.resource, options["max-upload-size"]),
         reactor,
         service.listening,
         failed,

@@ -1,0 +1,177 @@
+"""
+Files clients put into the worker's C{files/} folder.
+
+Names come from clients, so every name is checked before a byte is written:
+no C{..}, no absolute paths, no backslashes or NUL bytes, and no symlinks on
+the way inside C{files/}. Uploads land atomically: each file is written to a
+staging folder beside C{files/} and renamed into place only when the whole
+request was good, so a rejected upload leaves nothing behind.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from streaming_form_data import StreamingFormDataParser
+from streaming_form_data.targets import BaseTarget
+
+CHUNK = 256 * 1024
+
+
+class BadFilename(ValueError):
+    pass
+
+
+class TooLarge(ValueError):
+    pass
+
+
+def relative_name(filename):
+    """
+    Check a client's file name and return it as a relative path below C{files/}.
+
+    A leading C{/} is refused, not stripped: the reference silently turned
+    C{/abs/x} into C{abs/x}.
+    """
+    if not isinstance(filename, str) or not filename:
+        raise BadFilename("filename must be a non-empty string")
+    if "\x00" in filename or "\\" in filename:
+        raise BadFilename("filename must not contain NUL bytes or backslashes")
+    path = PurePosixPath(filename)
+    if path.is_absolute():
+        raise BadFilename("filename must be a relative path")
+    parts = [part for part in path.parts if part != "."]
+    if not parts or ".." in parts:
+        raise BadFilename("filename must be a relative subpath of the files folder")
+    return PurePosixPath(*parts)
+
+
+def check_no_links(root, relative):
+    """
+    Refuse a target whose existing folders (or itself) are symlinks under C{root}.
+    """
+    current = Path(root)
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise BadFilename(f"{relative} passes through a symbolic link")
+        if not current.exists():
+            return
+
+
+class Staging:
+    """
+    A private folder next to C{files/} where one request's files are written.
+    """
+
+    def __init__(self, files_root):
+        self.root = Path(files_root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root.parent))
+        self.entries = []  # (staged path, relative name)
+
+    def open(self, name):
+        relative = relative_name(name)
+        check_no_links(self.root, relative)
+        staged = self.folder / str(len(self.entries))
+        self.entries.append((staged, relative))
+        return open(staged, "wb")
+
+    def commit(self):
+        """
+        Move every staged file into place; each replaces its target atomically.
+        """
+        for staged, relative in self.entries:
+            check_no_links(self.root, relative)
+            target = self.root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(staged, 0o600)
+            os.replace(staged, target)
+        self.discard()
+        return [relative for _, relative in self.entries]
+
+    def discard(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _FileTarget(BaseTarget):
+    """
+    Streams each C{file} part of a multipart body into its staged file.
+    """
+
+    def __init__(self, staging, limit):
+        super().__init__()
+        self.staging = staging
+        self.limit = limit
+        self.size = 0
+        self._file = None
+
+    def on_start(self):
+        if self.multipart_filename:
+            self._file = self.staging.open(self.multipart_filename)
+
+    def on_data_received(self, chunk):
+        self.size += len(chunk)
+        if self.limit is not None and self.size > self.limit:
+            raise TooLarge("upload larger than the allowed size")
+        if self._file is not None:
+            self._file.write(chunk)
+
+    def on_finish(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def store_multipart(content, content_type, files_root, limit=None):
+    """
+    Parse a multipart body from file object C{content} into C{files_root}.
+
+    Runs in a thread: parsing and writing a large body must not stall the
+    reactor. Returns the relative paths written, in order.
+    """
+    staging = Staging(files_root)
+    target = _FileTarget(staging, limit)
+    try:
+        parser = StreamingFormDataParser(headers={"Content-Type": content_type})
+        parser.register("file", target)
+        while True:
+            chunk = content.read(CHUNK)
+            if not chunk:
+                break
+            parser.data_received(chunk)
+        target.on_finish()
+        return staging.commit()
+    except BaseException:
+        target.on_finish()
+        staging.discard()
+        raise
+
+
+def store_bytes(data, filename, files_root):
+    """
+    The WebSocket C{upload} command's path: same checks, same atomic write.
+    """
+    staging = Staging(files_root)
+    try:
+        with staging.open(filename) as f:
+            f.write(data)
+        return staging.commit()[0]
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def common_path(paths):
+    """
+    What C{POST /upload/} reports: the one path, or the longest shared prefix.
+    """
+    if len(paths) == 1:
+        return paths[0].as_posix()
+    common = []
+    for parts in zip(*(p.parts for p in paths)):
+        if any(part != parts[0] for part in parts):
+            break
+        common.append(parts[0])
+    return PurePosixPath(*common).as_posix() if common else "."
