@@ -131,11 +131,13 @@ def load_state(path):
     """
     path = Path(path)
     try:
-        state = read_json(path)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        state = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise StateFileError(f"{path} is not valid JSON ({exc}); moved to {_move_aside(path)}")
-    if state is None:
-        return None
     if not isinstance(state, dict) or not isinstance(state.get("backend", {}), dict):
         raise StateFileError(f"{path} is not a FuncNodes worker state; moved to {_move_aside(path)}")
     return state

@@ -6,7 +6,11 @@ order), but pings are answered at once, even while a slow command runs, so
 the UI never marks a busy worker as unresponsive.
 """
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import (
+    ConnectionDeny,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
@@ -18,6 +22,12 @@ class WorkerProtocol(WebSocketServerProtocol):
 
     #: Set by the client's first message; only then does it get broadcasts.
     listening = False
+
+    def onConnect(self, request):
+        origin = request.headers.get("origin")
+        if not self.factory.origins.allows(origin, request.headers.get("host")):
+            self._log.warn("Refused a WebSocket from origin {origin}", origin=origin)
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin not allowed")
 
     def onOpen(self):
         self._tail = succeed(None)
@@ -74,10 +84,11 @@ def protocol_options(max_message_size, ping_interval=10, ping_timeout=20):
     }
 
 
-def make_factory(hub, dispatcher, options):
+def make_factory(hub, dispatcher, options, origins):
     factory = WebSocketServerFactory(server=f"funcnodes_tw/{__version__}")
     factory.protocol = WorkerProtocol
     factory.setProtocolOptions(**options)
     factory.hub = hub
     factory.dispatcher = dispatcher
+    factory.origins = origins
     return factory

@@ -18,6 +18,7 @@ from twisted.web import resource, server, static
 from twisted.web.server import NOT_DONE_YET
 
 from funcnodes_tw import uploads
+from funcnodes_tw.access import Cors
 
 _log = Logger()
 
@@ -220,13 +221,13 @@ def make_site(resource, max_body=None):
     return site
 
 
-def make_root(worker, factory, store, dispatcher):
+def make_root(worker, factory, store, dispatcher, origins):
     ui = ui_directory()
     root = resource.Resource()
     root.putChild(b"", Front(WebSocketResource(factory), ui))
-    root.putChild(b"message", Message(store, dispatcher))
+    root.putChild(b"message", Cors(Message(store, dispatcher), origins))
     root.putChild(b"worker", WorkerInfo(worker))
-    root.putChild(b"upload", Upload(worker))
+    root.putChild(b"upload", Cors(Upload(worker), origins, b"POST, OPTIONS"))
     if ui is not None:
         root.putChild(b"static", static.File(str(ui)))
     return root

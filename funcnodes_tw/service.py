@@ -21,6 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from funcnodes_tw import libraries, loops, persistence
+from funcnodes_tw.access import OriginPolicy
 from funcnodes_tw.commands.library import add_package_dependency
 from funcnodes_tw.hub import Hub
 from funcnodes_tw.messages import LargeMessageStore
@@ -72,7 +73,9 @@ def claim_process_file(path):
 
 
 class WorkerService(MultiService):
-    def __init__(self, worker, clock, max_message_size, required_heartbeat=None):
+    def __init__(
+        self, worker, clock, max_message_size, required_heartbeat=None, allowed_origins=None
+    ):
         super().__init__()
         self.setName("funcnodes-worker")
         self.worker = worker
@@ -81,8 +84,11 @@ class WorkerService(MultiService):
         self.hub = Hub(max_message_size, self.store)
         worker.outlet = self.hub
         self.dispatcher = Dispatcher(worker, self.hub)
-        self.factory = make_factory(self.hub, self.dispatcher, protocol_options(max_message_size))
-        self.resource = make_root(worker, self.factory, self.store, self.dispatcher)
+        self.origins = OriginPolicy(allowed_origins)
+        self.factory = make_factory(
+            self.hub, self.dispatcher, protocol_options(max_message_size), self.origins
+        )
+        self.resource = make_root(worker, self.factory, self.store, self.dispatcher, self.origins)
 
         self.triggers = loops.TriggerDrain(worker.nodespace, clock)
         self.triggers.setServiceParent(self)
@@ -140,6 +146,7 @@ class WorkerService(MultiService):
         """
         worker = self.worker
         worker.host, worker.port = address.host, address.port
+        self.origins.bound_host = address.host
         worker.write_config()
         worker.set_runstate("running")
         url = f"ws://{worker.host}:{worker.port}"

@@ -55,6 +55,16 @@ class Options(usage.Options):
         ["max-upload-size", None, MAX_UPLOAD_SIZE, "Largest HTTP request body in bytes.", _positive(int)],
     ]
 
+    def __init__(self):
+        super().__init__()
+        self["allow-origin"] = []
+
+    def opt_allow_origin(self, origin):
+        """
+        A web origin (scheme://host[:port]) allowed to use the worker; repeatable; '*' for any.
+        """
+        self["allow-origin"].append(origin)
+
     def postOptions(self):
         if self["uuid"] is None:
             self["uuid"] = new_uuid(self["name"])
@@ -79,11 +89,18 @@ def listen_descriptions(options, files):
     host = quoteStringArgument(options["host"])
     port = options["port"]
     if port is None:
-        saved = (persistence.read_json(files.config) or {}) if files.config.exists() else {}
-        port = saved.get("port")
+        port = _saved_config(files).get("port")
     if port is not None:
         return [f"tcp:port={port}:interface={host}"]
     return [f"tcp:port={p}:interface={host}" for p in range(START_PORT, END_PORT + 1)]
+
+
+def _saved_config(files):
+    try:
+        saved = persistence.read_json(files.config)
+    except ValueError:
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def makeService(options, reactor=None):
@@ -95,8 +112,13 @@ def makeService(options, reactor=None):
 
     files = persistence.WorkerFiles(options["uuid"], options["data-path"])
     worker = Worker(files, options["uuid"], name=options["name"], debug=options["debug"], clock=reactor)
+    saved = _saved_config(files)
     service = WorkerService(
-        worker, reactor, options["max-message-size"], options["required-heartbeat"]
+        worker,
+        reactor,
+        options["max-message-size"],
+        options["required-heartbeat"],
+        options["allow-origin"] or saved.get("allowed_origins"),
     )
     worker.stop = reactor.stop
 
