@@ -22,7 +22,7 @@ def main(argv=None):
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as exc:
-        sys.stderr.write(f"{options}\nfuncnodes-tw: {exc}\n")
+        sys.stderr.write(f"Usage: funcnodes-tw {options}\nfuncnodes-tw: {exc}\n")
         return 2
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)

@@ -7,8 +7,8 @@ import binascii
 
 from twisted.internet.threads import deferToThread
 
-from funcnodes_tw import uploads
-from funcnodes_tw.commands import command
+from funcnodes_tw import archive, uploads
+from funcnodes_tw.commands import command, library
 
 
 @command
@@ -27,3 +27,55 @@ def upload(worker, data, filename):
     uploads.relative_name(filename)
     d = deferToThread(uploads.store_bytes, data, filename, worker.files.files)
     return d.addCallback(lambda _: filename)
+
+
+#: Keys of the registration file that describe this machine, not the graph.
+LOCAL_KEYS = ("pid", "python_path", "env_path", "data_path", "uuid", "host", "port", "ssl")
+
+
+def exportable_config(worker):
+    config = worker.worker_json()
+    for key in LOCAL_KEYS:
+        config.pop(key, None)
+    return config
+
+
+@command
+def export_worker(worker, with_files=True):
+    """
+    The worker as a zip (C{config}, C{state}, C{files/...}), as the reference
+    packs it; saved first, zipped in a thread.
+    """
+    state = worker.save_state()
+    config = exportable_config(worker)
+    d = worker.save(state)
+    d.addCallback(
+        lambda _: deferToThread(
+            archive.pack, config, state, worker.files.files if with_files else None
+        )
+    )
+    return d
+
+
+@command(saves=True)
+def update_from_export(worker, data):
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except binascii.Error:
+            raise ValueError("data must be a base64 zip") from None
+    d = deferToThread(archive.unpack, data, worker.files.files)
+    d.addCallback(lambda contents: update(worker, contents[0], contents[1]))
+    return d
+
+
+@command(saves=True)
+def update(worker, config, state):
+    """
+    Apply an exported config (its package dependencies) and state.
+    """
+    config, state = archive.as_object(config, "config"), archive.as_object(state, "state")
+    for name, dep in (config.get("package_dependencies") or {}).items():
+        library.add_package_dependency(worker, name, version=(dep or {}).get("version"), sync=False)
+    worker.load(state)
+    worker.worker_event("fullsync")
