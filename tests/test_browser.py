@@ -44,7 +44,7 @@ def worker_command(port: int, datadir: Path, worker_uuid: str, target: str = TAR
     elif target == "ours":
         entry = ["-m", "funcnodes_tw"]
     else:
-        raise ValueError(f"FUNCNODES_TW_BROWSER_TARGET must be 'ours' or 'reference', not {target!r}")
+        raise ValueError(f"FUNCNODES_TW_BROWSER_TARGET: expected ours|reference, got {target!r}")
     return [
         sys.executable, *entry,
         "--host", "127.0.0.1",
@@ -124,7 +124,11 @@ def _drive_ui(chromium: str, url: str, shots: Path):
 
             page.on("pageerror", on_page_error)
             page.on("console", on_console)
-            _scenario(FuncNodesUI(page), expect, url, shot)
+            try:
+                _scenario(FuncNodesUI(page), expect, url, shot)
+            except Exception:
+                shot("99-failure")
+                raise
             # The reference worker produces none of these; they point at protocol mismatches.
             assert not problems, "browser reported errors:\n" + "\n".join(problems)
         finally:
@@ -159,7 +163,7 @@ def _scenario(ui: FuncNodesUI, expect, url: str, shot):
     shot("03-mul-node")
 
     ui.set_input(add, "a", "2")
-    # One input missing: the node must not have run.
+    # b is still unset, so the node must not have produced an output yet.
     expect(ui.input_field(add, "a")).to_have_value("2")
     expect(ui.output_value(add, "out")).to_have_text("")
     ui.set_input(add, "b", "3.5")

@@ -10,7 +10,6 @@ import functools
 import http.server
 import json
 import logging
-import os
 import re
 import socket
 import subprocess
@@ -200,7 +199,7 @@ class FuncNodesUI:
         return self.page.locator(".shelftitle_text", has_text=_exact(name))
 
     def add_node(self, node_id: str, label: str):
-        """Filter the library by node_id and double-click the entry (a single click does nothing)."""
+        """Filter the library by node_id and double-click the entry (one click does nothing)."""
         self.page.get_by_placeholder("Filter").fill(node_id)
         self.page.locator(".libnodeentry", has_text=_exact(label)).dblclick()
         return self.node(label)
