@@ -138,6 +138,8 @@ class WorkerService(MultiService):
         if state is not None:
             worker.load(state)
         worker.save_requested = False
+        # Clients can send heartbeats only from now on: loading is no silence.
+        worker.last_heartbeat = self.clock.seconds()
         worker.worker_event("starting")
 
     def listening(self, address):

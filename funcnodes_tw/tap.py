@@ -95,6 +95,20 @@ def listen_descriptions(options, files):
     return [f"tcp:port={p}:interface={host}" for p in range(START_PORT, END_PORT + 1)]
 
 
+def _once(function):
+    """
+    C{stop_worker}, the heartbeat and signals may all ask to stop; stop once.
+    """
+    called = []
+
+    def once():
+        if not called:
+            called.append(True)
+            function()
+
+    return once
+
+
 def _saved_config(files):
     try:
         saved = persistence.read_json(files.config)
@@ -120,7 +134,7 @@ def makeService(options, reactor=None):
         options["required-heartbeat"],
         options["allow-origin"] or saved.get("allowed_origins"),
     )
-    worker.stop = reactor.stop
+    worker.stop = _once(reactor.stop)
 
     def failed(failure):
         _log.critical("Cannot listen: {error}", error=failure.value)

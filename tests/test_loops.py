@@ -1,0 +1,337 @@
+"""
+Periodic jobs and the large-message store, driven by a fake clock.
+
+An idle worker must not wake up (the reference polls every 100 ms forever),
+saves must only happen when something changed, and the heartbeat must stop
+the worker exactly when clients went quiet for too long.
+"""
+
+import pytest
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+
+from funcnodes_tw import commands, loops
+from funcnodes_tw.messages import LargeMessageStore
+from funcnodes_tw.persistence import WorkerFiles
+from funcnodes_tw.service import WorkerService
+from funcnodes_tw.worker import Worker
+
+
+class FakeNode:
+    """
+    A node whose trigger work is scripted: C{work} ticks of pending triggers.
+    """
+
+    def __init__(self, work=0, fail=False):
+        self.work = work
+        self.fail = fail
+        self.ticks = 0
+        self.in_trigger = False
+
+    def trigger_if_requested(self):
+        self.ticks += 1
+        if self.fail:
+            raise RuntimeError("node broke")
+        if self.work:
+            self.work -= 1
+            return True
+        return False
+
+
+class FakeNodeSpace:
+    def __init__(self, *nodes):
+        self.nodes = list(nodes)
+
+
+def started_drain(clock, *nodes):
+    drain = loops.TriggerDrain(FakeNodeSpace(*nodes), clock)
+    drain.startService()
+    return drain
+
+
+# region trigger drain
+
+
+def test_drain_ticks_while_there_is_work_then_sleeps():
+    clock = Clock()
+    node = FakeNode(work=3)
+    drain = started_drain(clock, node)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.pump([loops.DRAIN_INTERVAL] * 10)
+    # Three busy ticks, one that finds nothing: then no timer is left at all.
+    assert node.ticks == 4
+    assert clock.getDelayedCalls() == []
+    drain.stopService()
+
+
+def test_idle_drain_does_not_wake_up():
+    clock = Clock()
+    node = FakeNode()
+    started_drain(clock, node)
+    clock.advance(loops.DRAIN_INTERVAL)
+    assert clock.getDelayedCalls() == []
+    clock.advance(3600)
+    assert node.ticks == 1
+
+
+def test_kick_restarts_an_idle_drain_once():
+    clock = Clock()
+    node = FakeNode()
+    drain = started_drain(clock, node)
+    clock.advance(loops.DRAIN_INTERVAL)
+    node.work = 2
+    drain.kick()
+    drain.kick()
+    assert len(clock.getDelayedCalls()) == 1
+    clock.pump([loops.DRAIN_INTERVAL] * 5)
+    assert node.ticks == 1 + 3
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_running_trigger_keeps_the_drain_awake():
+    clock = Clock()
+    node = FakeNode()
+    node.in_trigger = True
+    started_drain(clock, node)
+    clock.pump([loops.DRAIN_INTERVAL] * 5)
+    assert node.ticks == 5
+    node.in_trigger = False
+    clock.pump([loops.DRAIN_INTERVAL] * 5)
+    assert node.ticks == 6
+    assert clock.getDelayedCalls() == []
+
+
+def test_kick_before_start_and_after_stop_does_nothing():
+    clock = Clock()
+    node = FakeNode(work=100)
+    drain = loops.TriggerDrain(FakeNodeSpace(node), clock)
+    drain.kick()
+    assert clock.getDelayedCalls() == []
+    drain.startService()
+    clock.advance(loops.DRAIN_INTERVAL)
+    drain.stopService()
+    assert clock.getDelayedCalls() == []
+    drain.kick()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_failing_node_does_not_stop_the_others():
+    clock = Clock()
+    broken, fine = FakeNode(fail=True), FakeNode(work=2)
+    started_drain(clock, broken, fine)
+    clock.pump([loops.DRAIN_INTERVAL] * 5)
+    assert fine.ticks == 3 and broken.ticks == 3
+
+
+def test_worker_activity_kicks_the_drain(tmp_path):
+    """
+    The service wires node-space events to the drain.
+    """
+    clock = Clock()
+    files = WorkerFiles("loopworker", root=tmp_path)
+    worker = Worker(files, "loopworker", clock=clock)
+    service = WorkerService(worker, clock, 1024 * 1024)
+    service.triggers.startService()
+    clock.advance(loops.DRAIN_INTERVAL)
+    assert not service.triggers._call.running
+    worker.on_activity()
+    assert service.triggers._call.running
+    service.triggers.stopService()
+
+
+# endregion
+# region timers
+
+
+class FakeWorker:
+    def __init__(self, clock):
+        self.clock = clock
+        self.save_requested = False
+        self.saves = []
+        self.stops = []
+        self.last_heartbeat = clock.seconds()
+
+    def save(self):
+        self.save_requested = False
+        self.saves.append(self.clock.seconds())
+        return succeed(None)
+
+    def stop(self):
+        self.stops.append(self.clock.seconds())
+
+
+def test_save_timer_writes_only_when_requested():
+    clock = Clock()
+    worker = FakeWorker(clock)
+    timer = loops.timer("save", loops.SAVE_INTERVAL, lambda: loops.save_if_requested(worker), clock)
+    timer.startService()
+    clock.pump([loops.SAVE_INTERVAL] * 10)
+    assert worker.saves == []
+    worker.save_requested = True
+    clock.pump([loops.SAVE_INTERVAL] * 10)
+    assert worker.saves == [11 * loops.SAVE_INTERVAL]
+    timer.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_failing_timer_keeps_running():
+    clock = Clock()
+    runs = []
+
+    def flaky():
+        runs.append(clock.seconds())
+        raise OSError("disk full")
+
+    timer = loops.timer("flaky", 1.0, flaky, clock)
+    timer.startService()
+    clock.pump([1.0] * 3)
+    assert runs == [0, 1, 2, 3]
+    timer.stopService()
+
+
+def heartbeat_service(tmp_path, clock, required):
+    files = WorkerFiles("hbworker", root=tmp_path)
+    worker = Worker(files, "hbworker", clock=clock)
+    stops = []
+    worker.stop = lambda: stops.append(clock.seconds())
+    service = WorkerService(worker, clock, 1024 * 1024, required_heartbeat=required)
+    timer = service.getServiceNamed("heartbeat")
+    timer.startService()
+    return worker, timer, stops
+
+
+def test_heartbeat_stops_the_worker_after_silence_and_not_before(tmp_path):
+    clock = Clock()
+    worker, timer, stops = heartbeat_service(tmp_path, clock, required=10)
+    clock.pump([0.5] * 20)  # t = 10: exactly the limit is still fine
+    assert stops == []
+    commands.run(worker, "heartbeat", {})
+    clock.pump([0.5] * 20)  # t = 20: 10 s since the heartbeat
+    assert stops == []
+    clock.pump([0.5] * 2)
+    assert stops and stops[0] == 21
+    timer.stopService()
+
+
+def test_heartbeat_silence_counts_from_the_start_not_from_construction(tmp_path):
+    """
+    Loading packages and the graph may take longer than the heartbeat limit.
+    """
+    clock = Clock()
+    files = WorkerFiles("hbworker", root=tmp_path)
+    worker = Worker(files, "hbworker", clock=clock)
+    stops = []
+    worker.stop = lambda: stops.append(clock.seconds())
+    service = WorkerService(worker, clock, 1024 * 1024, required_heartbeat=2)
+    clock.advance(30)  # a slow start
+    service.prepare()
+    timer = service.getServiceNamed("heartbeat")
+    timer.startService()
+    assert stops == []
+    clock.pump([0.1] * 25)
+    assert stops and stops[0] > 32
+    timer.stopService()
+
+
+def test_heartbeats_keep_the_worker_alive(tmp_path):
+    clock = Clock()
+    worker, timer, stops = heartbeat_service(tmp_path, clock, required=3)
+    for _ in range(50):
+        clock.advance(2.5)
+        commands.run(worker, "heartbeat", {})
+    assert stops == []
+    timer.stopService()
+
+
+def test_no_heartbeat_timer_unless_asked(tmp_path):
+    clock = Clock()
+    files = WorkerFiles("hbworker", root=tmp_path)
+    service = WorkerService(Worker(files, "hbworker", clock=clock), clock, 1024)
+    with pytest.raises(KeyError):
+        service.getServiceNamed("heartbeat")
+
+
+# endregion
+# region large messages
+
+
+def store(clock, **kwargs):
+    return LargeMessageStore(clock, base_url=lambda: "http://127.0.0.1:9382", **kwargs)
+
+
+def test_store_keeps_and_serves_messages():
+    messages = store(Clock())
+    msgid = messages.put(b"payload")
+    assert messages.url(msgid) == f"http://127.0.0.1:9382/message/{msgid}"
+    assert messages.get(msgid) == b"payload"
+    assert messages.get("no-such-id") is None
+    assert messages.size == len(b"payload")
+
+
+def test_store_evicts_the_oldest_when_full():
+    messages = store(Clock(), max_bytes=100)
+    first = messages.put(b"a" * 40)
+    second = messages.put(b"b" * 40)
+    third = messages.put(b"c" * 40)
+    assert messages.get(first) is None
+    assert messages.get(second) == b"b" * 40
+    assert messages.get(third) == b"c" * 40
+    assert messages.size == 80
+
+
+def test_store_bytes_never_grow_past_the_bound():
+    messages = store(Clock(), max_bytes=1000)
+    for n in range(200):
+        messages.put(bytes([n % 256]) * 37)
+        assert messages.size <= 1000
+    assert messages.size == sum(len(e[0]) for e in messages._entries.values())
+
+
+def test_store_expires_after_ttl():
+    clock = Clock()
+    messages = store(clock, ttl=60.0)
+    msgid = messages.put(b"x")
+    clock.advance(59.0)
+    messages.expire()
+    assert messages.size == 1
+    clock.advance(1.0)
+    assert messages.get(msgid) is None
+    messages.expire()
+    assert messages.size == 0
+
+
+def test_store_grace_after_first_fetch():
+    clock = Clock()
+    messages = store(clock, ttl=60.0, grace=5.0)
+    msgid = messages.put(b"x")
+    clock.advance(10)
+    assert messages.get(msgid) == b"x"
+    clock.advance(4.9)
+    assert messages.get(msgid) == b"x", "a retry within the grace period works"
+    clock.advance(0.1)
+    assert messages.get(msgid) is None, "a second fetch does not extend the grace"
+
+
+def test_store_grace_never_extends_the_ttl():
+    clock = Clock()
+    messages = store(clock, ttl=60.0, grace=5.0)
+    msgid = messages.put(b"x")
+    clock.advance(58)
+    assert messages.get(msgid) == b"x"
+    clock.advance(2)
+    assert messages.get(msgid) is None
+
+
+def test_service_expires_parked_messages(tmp_path):
+    clock = Clock()
+    files = WorkerFiles("msgworker", root=tmp_path)
+    service = WorkerService(Worker(files, "msgworker", clock=clock), clock, 1024)
+    service.store.put(b"z" * 100)
+    timer = service.getServiceNamed("messages")
+    timer.startService()
+    clock.pump([loops.EXPIRE_INTERVAL] * 13)
+    assert service.store.size == 0
+    timer.stopService()
+
+
+# endregion

@@ -1,0 +1,263 @@
+"""
+Message shapes and binary frames, byte for byte (PROTOCOL.md sections 2-4).
+
+The real UI and manager parse these frames with simple string splitting, so
+the exact bytes matter, not just what a lenient parser makes of them.
+"""
+
+import base64
+import json
+import re
+import struct
+import uuid
+
+import pytest
+
+from funcnodes_tw import wire
+
+HEADER_END = b"\r\n\r\n"
+CHUNK = re.compile(rb"^chunk=(\d+)/(\d+);msgid=([0-9a-f-]{36});")
+
+
+def split_frame(frame):
+    """
+    (n, total, msgid, header text, payload) of one frame, parsed strictly.
+    """
+    match = CHUNK.match(frame)
+    assert match, frame[:80]
+    head, sep, payload = frame[match.end():].partition(HEADER_END)
+    assert sep, "no header terminator"
+    n, total, msgid = int(match[1]), int(match[2]), match[3].decode()
+    uuid.UUID(msgid)
+    return n, total, msgid, head.decode(), payload
+
+
+def ui_header(frame):
+    """
+    The header as the UI reads it: split on ';', then on the first '=', trimmed.
+    """
+    head = frame.partition(HEADER_END)[0].decode()
+    pairs = [part.split("=", 1) for part in head.split(";") if part.strip()]
+    assert all(len(pair) == 2 for pair in pairs), head
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def io_value_header(node="n1", io="input", mime="text/plain"):
+    return {"node": node, "io": io, "mime": mime, "type": "io_value", "preview": "1"}
+
+
+# region binary frames
+
+
+def test_io_value_frame_is_the_reference_format():
+    mime, payload = wire.encode_value(5, preview=True)
+    [frame] = wire.binary_frames(payload, io_value_header("323cb5", "input", mime))
+    n, total, msgid, head, body = split_frame(frame)
+    assert (n, total) == (1, 1)
+    assert head == "node=323cb5; io=input; mime=application/fn.struct.!q; type=io_value; preview=1"
+    assert frame == (
+        f"chunk=1/1;msgid={msgid};{head}".encode() + HEADER_END + struct.pack("!q", 5)
+    )
+
+
+def test_result_frame_header_with_and_without_id():
+    [frame] = wire.binary_frames(b"x", {"id": "af2c6988", "mime": "text/plain", "type": "result"})
+    assert split_frame(frame)[3] == "id=af2c6988; mime=text/plain; type=result"
+    [frame] = wire.binary_frames(b"x", {"id": None, "mime": "text/plain", "type": "result"})
+    assert ui_header(frame)["id"] == "None"
+
+
+def test_every_frame_has_its_own_msgid():
+    frames = [wire.binary_frames(b"x", io_value_header())[0] for _ in range(3)]
+    assert len({split_frame(frame)[2] for frame in frames}) == 3
+
+
+@pytest.mark.parametrize(
+    "value, mime, payload",
+    [
+        (5, "application/fn.struct.!q", b"\x00\x00\x00\x00\x00\x00\x00\x05"),
+        (-2, "application/fn.struct.!q", b"\xff" * 7 + b"\xfe"),
+        (True, "application/fn.struct.!q", b"\x00" * 7 + b"\x01"),
+        (2.5, "application/fn.struct.!d", struct.pack(">d", 2.5)),
+        ("héllo", "text/plain", "héllo".encode("utf-8")),
+        (b"\x00\xffraw", "application/octet-stream", b"\x00\xffraw"),
+        ([1, 2], "application/json", b"[1, 2]"),
+    ],
+)
+def test_value_encoding(value, mime, payload):
+    assert wire.encode_value(value, preview=False) == (mime, payload)
+
+
+def test_preview_cuts_long_strings_but_never_bytes():
+    mime, payload = wire.encode_value("x" * 5000, preview=True)
+    assert payload == b"x" * 1000 + b"..."
+    assert wire.encode_value(b"y" * 5000, preview=True)[1] == b"y" * 5000
+
+
+@pytest.mark.parametrize("max_frame", [200, 257, 1000])
+def test_chunks_reassemble_and_repeat_the_header(max_frame):
+    payload = bytes(range(256)) * 12
+    header = io_value_header("node-1", "out", "application/octet-stream")
+    frames = wire.binary_frames(payload, header, max_frame=max_frame)
+    parts = [split_frame(frame) for frame in frames]
+    total = len(frames)
+    assert total > 1
+    assert [p[0] for p in parts] == list(range(1, total + 1))
+    assert {p[1] for p in parts} == {total}
+    assert len({p[2] for p in parts}) == 1, "all chunks share one msgid"
+    expected = "node=node-1; io=out; mime=application/octet-stream; type=io_value; preview=1"
+    assert {p[3] for p in parts} == {expected}
+    assert all(len(frame) <= max_frame for frame in frames)
+    assert b"".join(p[4] for p in parts) == payload
+
+
+def test_one_frame_when_it_fits_or_no_limit():
+    payload = b"z" * 100
+    assert len(wire.binary_frames(payload, io_value_header())) == 1
+    [frame] = wire.binary_frames(payload, io_value_header(), max_frame=10_000)
+    assert split_frame(frame)[:2] == (1, 1)
+
+
+def test_header_larger_than_the_frame_is_refused():
+    with pytest.raises(ValueError):
+        wire.binary_frames(b"abc", io_value_header(node="n" * 100), max_frame=50)
+
+
+@pytest.mark.parametrize(
+    "nasty",
+    ["a;b", "a; type=result", "a\r\n\r\nb", "a\nb\rc", "x=y; io=evil"],
+)
+def test_header_values_cannot_break_the_header(nasty):
+    header = {"node": nasty, "io": "out", "mime": "text/plain", "type": "io_value", "preview": "1"}
+    [frame] = wire.binary_frames(b"PAYLOAD", header)
+    n, total, msgid, head, payload = split_frame(frame)
+    assert payload == b"PAYLOAD"
+    assert "\r" not in head and "\n" not in head
+    parsed = ui_header(frame)
+    assert set(parsed) == {"chunk", "msgid", "node", "io", "mime", "type", "preview"}
+    assert (parsed["io"], parsed["type"]) == ("out", "io_value")
+
+
+# endregion
+# region JSON
+
+
+def test_nan_and_infinity_give_valid_json():
+    for value in (float("nan"), float("inf"), float("-inf")):
+        assert json.loads(wire.dumps({"v": value, "l": [value]})) == {"v": None, "l": [None]}
+
+
+def test_objects_with_repr_json_and_bytes():
+    class Thing:
+        def _repr_json_(self):
+            return {"kind": "thing", "n": 3}
+
+    out = json.loads(wire.dumps({"t": Thing(), "b": b"\x00\x01binary"}))
+    assert out["t"] == {"kind": "thing", "n": 3}
+    assert base64.b64decode(out["b"]) == b"\x00\x01binary"
+
+
+@pytest.mark.parametrize("big", [2**64, 2**70, -(2**64) - 5, 10**30])
+def test_integers_beyond_64_bits(big):
+    assert json.loads(wire.dumps({"n": big, "l": [1, big]})) == {"n": big, "l": [1, big]}
+
+
+def test_big_integers_do_not_bring_back_invalid_json():
+    """
+    The slow path for big integers must keep NaN valid and encoders applied.
+    """
+
+    class Thing:
+        def _repr_json_(self):
+            return {"inner": 2**80, "nan": float("nan")}
+
+    text = wire.dumps({"big": 2**65, "nan": float("nan"), "t": Thing(), "b": b"ab"})
+    assert json.loads(text) == {
+        "big": 2**65,
+        "nan": None,
+        "t": {"inner": 2**80, "nan": None},
+        "b": base64.b64encode(b"ab").decode(),
+    }
+
+
+def test_dumps_gives_compact_utf8_bytes():
+    out = wire.dumps({"s": "héllo ✓"})
+    assert isinstance(out, bytes)
+    assert out == '{"s":"héllo ✓"}'.encode("utf-8")
+
+
+def test_pong_is_the_reference_text():
+    assert wire.PONG == b'{"type": "pong"}'
+
+
+@pytest.mark.parametrize("text", [b"{nope", b"", b"\xff\xfe", b'{"a": 1'])
+def test_loads_refuses_invalid_json(text):
+    with pytest.raises(wire.MessageError, match="Invalid JSON"):
+        wire.loads(text)
+
+
+@pytest.mark.parametrize("text", [b"[1, 2]", b'"cmd"', b"1", b"null"])
+def test_loads_refuses_non_objects(text):
+    with pytest.raises(wire.MessageError, match="object"):
+        wire.loads(text)
+
+
+def test_loads_gives_the_object():
+    assert wire.loads(b'{"type":"cmd","cmd":"uuid","id":{"a":1}}') == {
+        "type": "cmd",
+        "cmd": "uuid",
+        "id": {"a": 1},
+    }
+
+
+# endregion
+# region message shapes
+
+
+def test_workerevent_is_nested_twice():
+    assert wire.workerevent("lib_update", a=1) == {
+        "type": "workerevent",
+        "event": "lib_update",
+        "data": {"data": {"a": 1}},
+    }
+    assert wire.workerevent("fullsync")["data"] == {"data": {}}
+
+
+def test_result_key_order():
+    assert wire.dumps(wire.result([1], "i")) == b'{"type":"result","result":[1],"id":"i"}'
+
+
+def test_error_shape_hides_tracebacks_unless_debug():
+    try:
+        raise ValueError("bad thing")
+    except ValueError as exc:
+        plain = wire.error(exc, 7)
+        debug = wire.error(exc, 7, debug=True)
+    assert plain == {"type": "error", "error": "bad thing", "tb": [], "id": 7}
+    assert list(debug) == ["type", "error", "tb", "id"]
+    assert debug["tb"] and all(isinstance(line, str) for line in debug["tb"])
+    assert "ValueError: bad thing" in "".join(debug["tb"])
+
+
+def test_error_event_uses_repr():
+    event = wire.error_event(KeyError("k"))
+    assert event == {"type": "error_event", "error": "KeyError('k')", "tb": []}
+
+
+def test_other_shapes():
+    assert wire.nsevent("node_added", {"node": {}}) == {
+        "type": "nsevent",
+        "event": "node_added",
+        "data": {"node": {}},
+    }
+    assert list(wire.progress("m", "info", 0.5, True)) == [
+        "type", "message", "status", "progress", "blocking",
+    ]
+    assert wire.large_message("http://h:1/message/x", "x") == {
+        "type": "large_message",
+        "url": "http://h:1/message/x",
+        "msg_id": "x",
+    }
+
+
+# endregion
