@@ -28,7 +28,6 @@ from funcnodes_tw.messages import LargeMessageStore
 from funcnodes_tw.protocol import make_factory, protocol_options
 from funcnodes_tw.resources import make_root
 from funcnodes_tw.rpc import Dispatcher
-from funcnodes_tw.worker import Worker
 
 _log = Logger()
 

@@ -33,22 +33,8 @@ HEADER_END = b"\r\n\r\n"
 
 
 @pytest.fixture(autouse=True)
-def clean_reactor():
-    """
-    Fail a test that leaves timers or connections on the real reactor.
-    """
-    calls = set(reactor.getDelayedCalls())
-    selectables = _selectables()
+def _clean(clean_reactor):
     yield
-    left = [c for c in reactor.getDelayedCalls() if c.active() and c not in calls]
-    left += list(_selectables() - selectables)
-    assert not left, f"left on the reactor: {left}"
-
-
-def _selectables():
-    # The reactor's own wakers appear when it starts, which may be during a test.
-    everything = set(reactor.getReaders()) | set(reactor.getWriters())
-    return {s for s in everything if not type(s).__name__.endswith("Waker")}
 
 
 @fn.NodeDecorator("tw_test_add", name="Add")
