@@ -101,10 +101,19 @@ class _StoredMessage(resource.Resource):
         self.msgid = msgid
 
     def render_GET(self, request):
-        payload = self.store.get(self.msgid)
-        if payload is None:
+        message = self.store.open(self.msgid)
+        if message is None:
             return _text(request, 404, "Message not found")
-        return _text(request, 200, payload, b"application/json; charset=utf-8")
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"content-length", b"%d" % _size(message))
+        static.NoRangeStaticProducer(request, message).start()
+        return NOT_DONE_YET
+
+
+def _size(f):
+    size = f.seek(0, 2)
+    f.seek(0)
+    return size
 
 
 class Upload(resource.Resource):

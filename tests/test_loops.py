@@ -263,8 +263,8 @@ def test_store_keeps_and_serves_messages():
     messages = store(Clock())
     msgid = messages.put(b"payload")
     assert messages.url(msgid) == f"http://127.0.0.1:9382/message/{msgid}"
-    assert messages.get(msgid) == b"payload"
-    assert messages.get("no-such-id") is None
+    assert _read(messages, msgid) == b"payload"
+    assert _read(messages, "no-such-id") is None
     assert messages.size == len(b"payload")
 
 
@@ -273,9 +273,9 @@ def test_store_evicts_the_oldest_when_full():
     first = messages.put(b"a" * 40)
     second = messages.put(b"b" * 40)
     third = messages.put(b"c" * 40)
-    assert messages.get(first) is None
-    assert messages.get(second) == b"b" * 40
-    assert messages.get(third) == b"c" * 40
+    assert _read(messages, first) is None
+    assert _read(messages, second) == b"b" * 40
+    assert _read(messages, third) == b"c" * 40
     assert messages.size == 80
 
 
@@ -284,7 +284,7 @@ def test_store_bytes_never_grow_past_the_bound():
     for n in range(200):
         messages.put(bytes([n % 256]) * 37)
         assert messages.size <= 1000
-    assert messages.size == sum(len(e[0]) for e in messages._entries.values())
+    assert messages.size == sum(e.size for e in messages._entries.values())
 
 
 def test_store_expires_after_ttl():
@@ -295,7 +295,7 @@ def test_store_expires_after_ttl():
     messages.expire()
     assert messages.size == 1
     clock.advance(1.0)
-    assert messages.get(msgid) is None
+    assert _read(messages, msgid) is None
     messages.expire()
     assert messages.size == 0
 
@@ -305,11 +305,11 @@ def test_store_grace_after_first_fetch():
     messages = store(clock, ttl=60.0, grace=5.0)
     msgid = messages.put(b"x")
     clock.advance(10)
-    assert messages.get(msgid) == b"x"
+    assert _read(messages, msgid) == b"x"
     clock.advance(4.9)
-    assert messages.get(msgid) == b"x", "a retry within the grace period works"
+    assert _read(messages, msgid) == b"x", "a retry within the grace period works"
     clock.advance(0.1)
-    assert messages.get(msgid) is None, "a second fetch does not extend the grace"
+    assert _read(messages, msgid) is None, "a second fetch does not extend the grace"
 
 
 def test_store_grace_never_extends_the_ttl():
@@ -317,9 +317,9 @@ def test_store_grace_never_extends_the_ttl():
     messages = store(clock, ttl=60.0, grace=5.0)
     msgid = messages.put(b"x")
     clock.advance(58)
-    assert messages.get(msgid) == b"x"
+    assert _read(messages, msgid) == b"x"
     clock.advance(2)
-    assert messages.get(msgid) is None
+    assert _read(messages, msgid) is None
 
 
 def test_service_expires_parked_messages(tmp_path):
@@ -335,3 +335,23 @@ def test_service_expires_parked_messages(tmp_path):
 
 
 # endregion
+
+
+def _read(store, msgid):
+    message = store.open(msgid)
+    return None if message is None else message.read()
+
+
+def test_store_spills_large_entries_to_a_file_and_deletes_it(tmp_path):
+    """
+    Big entries wait on disk, not in RAM, and their file goes with the entry.
+    """
+    clock = Clock()
+    messages = LargeMessageStore(clock, lambda: "http://h:1", spill_size=10, folder=tmp_path)
+    small, big = messages.put(b"tiny"), messages.put(b"x" * 100)
+    assert [p.name.startswith("fn-message-") for p in tmp_path.iterdir()] == [True]
+    assert _read(messages, small) == b"tiny" and _read(messages, big) == b"x" * 100
+    clock.advance(messages.grace + 0.1)
+    messages.expire()
+    assert list(tmp_path.iterdir()) == []
+    assert messages.size == 0
