@@ -19,9 +19,10 @@ SIZE_MARGIN = 1.1
 
 
 class Hub:
-    def __init__(self, max_message_size, large_messages=None):
+    def __init__(self, max_message_size, large_messages=None, max_binary_frame=None):
         self.clients = set()
         self.max_message_size = max_message_size
+        self.max_binary_frame = max_binary_frame
         self.large_messages = large_messages
         self._emptied = []
 
@@ -59,13 +60,18 @@ class Hub:
     def broadcast(self, message):
         self.send(None, message)
 
-    def send_frames(self, client, frames):
+    def send_binary(self, client, payload, header):
+        """
+        Send bytes with the reference's header, chunked only when a frame
+        limit is configured (the real UI cannot reassemble chunks).
+        """
+        frames = wire.binary_frames(payload, header, self.max_binary_frame)
         for target in self._listeners() if client is None else [client]:
             for frame in frames:
                 target.send_binary(frame)
 
-    def broadcast_frames(self, frames):
-        self.send_frames(None, frames)
+    def broadcast_binary(self, payload, header):
+        self.send_binary(None, payload, header)
 
     def close_all(self, reason, clock, timeout):
         """

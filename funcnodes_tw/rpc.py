@@ -58,7 +58,7 @@ class Dispatcher:
         if as_bytes:
             mime, payload = wire.encode_value(result, preview=False)
             header = {"id": msgid, "mime": mime, "type": "result"}
-            self.hub.send_frames(client, wire.binary_frames(payload, header))
+            self.hub.send_binary(client, payload, header)
         else:
             self.hub.send(client, wire.result(result, msgid))
 

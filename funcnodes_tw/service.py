@@ -73,14 +73,20 @@ def claim_process_file(path):
 
 class WorkerService(MultiService):
     def __init__(
-        self, worker, clock, max_message_size, required_heartbeat=None, allowed_origins=None
+        self,
+        worker,
+        clock,
+        max_message_size,
+        required_heartbeat=None,
+        allowed_origins=None,
+        max_binary_frame=None,
     ):
         super().__init__()
         self.setName("funcnodes-worker")
         self.worker = worker
         self.clock = clock
         self.store = LargeMessageStore(clock, base_url=self._base_url)
-        self.hub = Hub(max_message_size, self.store)
+        self.hub = Hub(max_message_size, self.store, max_binary_frame)
         worker.outlet = self.hub
         self.dispatcher = Dispatcher(worker, self.hub)
         self.origins = OriginPolicy(allowed_origins)

@@ -53,6 +53,7 @@ class Options(usage.Options):
         ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
         ["max-message-size", None, MAX_MESSAGE_SIZE, "Largest WebSocket message in bytes.", _positive(int)],
         ["max-upload-size", None, MAX_UPLOAD_SIZE, "Largest HTTP request body in bytes.", _positive(int)],
+        ["max-binary-frame", None, None, "Split binary values into chunk=i/n frames of this many bytes (the UI cannot reassemble them).", _positive(int)],
     ]
 
     def __init__(self):
@@ -133,6 +134,7 @@ def makeService(options, reactor=None):
         options["max-message-size"],
         options["required-heartbeat"],
         options["allow-origin"] or saved.get("allowed_origins"),
+        options["max-binary-frame"],
     )
     worker.stop = _once(reactor.stop)
 

@@ -46,7 +46,7 @@ class NullOutlet:
     def broadcast(self, message):
         pass
 
-    def broadcast_frames(self, frames):
+    def broadcast_binary(self, payload, header):
         pass
 
 
@@ -124,7 +124,7 @@ class Worker:
     def send_io_value(self, node, io, value):
         mime, payload = wire.encode_value(value, preview=True)
         header = {"node": node, "io": io, "mime": mime, "type": "io_value", "preview": "1"}
-        self.outlet.broadcast_frames(wire.binary_frames(payload, header))
+        self.outlet.broadcast_binary(payload, header)
 
     def _on_nodespace_event(self, event, src=None, **data):
         self.on_activity()
