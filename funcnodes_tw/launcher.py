@@ -16,6 +16,7 @@ def main(argv=None):
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.python import usage
 
+    from funcnodes_tw.logs import LEVELS, filtered
     from funcnodes_tw.tap import Options, makeService
 
     options = Options()
@@ -25,7 +26,8 @@ def main(argv=None):
         sys.stderr.write(f"Usage: funcnodes-tw {options}\nfuncnodes-tw: {exc}\n")
         return 2
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    stdout = filtered(textFileLogObserver(sys.stdout), LEVELS[options["log-level"]])
+    globalLogBeginner.beginLoggingTo([stdout], redirectStandardIO=False)
     service = IService(makeService(options, reactor))
     try:
         service.startService()

@@ -20,10 +20,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from funcnodes_tw import libraries, loops, persistence
+from funcnodes_tw import libraries, loops, persistence, systemd
 from funcnodes_tw.access import OriginPolicy
 from funcnodes_tw.commands.library import add_package_dependency
 from funcnodes_tw.hub import Hub
+from funcnodes_tw.logs import LEVELS, WorkerLog
 from funcnodes_tw.messages import LargeMessageStore
 from funcnodes_tw.protocol import make_factory, protocol_options
 from funcnodes_tw.resources import make_root
@@ -80,11 +81,13 @@ class WorkerService(MultiService):
         required_heartbeat=None,
         allowed_origins=None,
         max_binary_frame=None,
+        log_level=None,
     ):
         super().__init__()
         self.setName("funcnodes-worker")
         self.worker = worker
         self.clock = clock
+        self.log = WorkerLog(worker.files.data, log_level or LEVELS["info"])
         self.store = LargeMessageStore(clock, base_url=self._base_url)
         self.hub = Hub(max_message_size, self.store, max_binary_frame)
         worker.outlet = self.hub
@@ -119,6 +122,7 @@ class WorkerService(MultiService):
         """
         worker, files = self.worker, self.worker.files
         files.create()
+        self.log.start()
         claim_process_file(files.process)
         worker.set_runstate("starting", "Loading config")
         config = _read_config(files.config)
@@ -159,12 +163,14 @@ class WorkerService(MultiService):
         url = f"ws://{worker.host}:{worker.port}"
         _log.info("Worker {uuid} listening on {url}", uuid=worker.uuid, url=url)
         _log.info("Open the UI: http://{host}:{port}/", host=worker.host, port=worker.port)
+        systemd.notify(f"READY=1\nSTATUS=listening on {url}")
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
         worker = self.worker
+        systemd.notify("STOPPING=1")
         worker.worker_event("stopping")
         worker.set_runstate("stopped")
         try:
@@ -177,6 +183,7 @@ class WorkerService(MultiService):
         persistence.remove(worker.files.process)
         persistence.remove(worker.files.runstate)
         _log.info("Worker {uuid} stopped", uuid=worker.uuid)
+        self.log.stop()
 
 
 def _read_config(path):

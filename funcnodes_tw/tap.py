@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from funcnodes_tw import aio, persistence
+from funcnodes_tw.logs import LEVELS
 
 _log = Logger()
 
@@ -42,6 +43,7 @@ class Options(usage.Options):
     )
     optFlags = [
         ["debug", "d", "Log debug messages and send tracebacks to clients."],
+        ["exit-on-stdin-close", None, "Stop when standard input closes (for a parent process)."],
     ]
     optParameters = [
         ["uuid", "u", None, "Worker id; a new one is generated if omitted."],
@@ -50,6 +52,7 @@ class Options(usage.Options):
         ["host", None, os.environ.get("FUNCNODES_HOST", "127.0.0.1"), "Interface to bind."],
         ["port", "p", None, "TCP port (default: the worker's last port, else the first free from 9382).", int],
         ["listen", "l", None, "A Twisted server endpoint string; overrides --host/--port."],
+        ["log-level", None, "info", "debug, info, warn or error."],
         ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
         ["max-message-size", None, MAX_MESSAGE_SIZE, "Largest WebSocket message in bytes.", _positive(int)],
         ["max-upload-size", None, MAX_UPLOAD_SIZE, "Largest HTTP request body in bytes.", _positive(int)],
@@ -67,6 +70,10 @@ class Options(usage.Options):
         self["allow-origin"].append(origin)
 
     def postOptions(self):
+        if self["debug"]:
+            self["log-level"] = "debug"
+        if self["log-level"] not in LEVELS:
+            raise usage.UsageError(f"--log-level must be one of {', '.join(LEVELS)}")
         if self["uuid"] is None:
             self["uuid"] = new_uuid(self["name"])
         elif not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", self["uuid"]):
@@ -135,6 +142,7 @@ def makeService(options, reactor=None):
         options["required-heartbeat"],
         options["allow-origin"] or saved.get("allowed_origins"),
         options["max-binary-frame"],
+        LEVELS[options["log-level"]],
     )
     worker.stop = _once(reactor.stop)
 
@@ -150,6 +158,10 @@ def makeService(options, reactor=None):
         service.listening,
         failed,
     ).setServiceParent(service)
+    if options["exit-on-stdin-close"]:
+        from funcnodes_tw.systemd import StdinWatch
+
+        StdinWatch(worker.stop, reactor).setServiceParent(service)
     return service
 
 
