@@ -16,6 +16,9 @@ from twisted.logger import Logger
 
 from funcnodes_tw import __version__, wire
 
+#: The reference's C{FUNCNODES_WS_WORKER_MAX_SIZE} default.
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+
 
 class WorkerProtocol(WebSocketServerProtocol):
     _log = Logger()

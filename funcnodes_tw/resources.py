@@ -197,6 +197,18 @@ def ui_directory():
     return folder if folder.is_dir() else None
 
 
+def ui_resource(folder):
+    """
+    The UI's files. Its C{index.html} loads the bundle from C{/static/}; served
+    here it loads it relative to itself, so the UI also works when the worker
+    is mounted under a prefix of another site.
+    """
+    ui = static.File(str(folder))
+    html = (folder / "index.html").read_bytes().replace(b'"/static/', b'"./')
+    ui.putChild(b"index.html", static.Data(html, "text/html; charset=utf-8"))
+    return ui
+
+
 class LimitedRequest(server.Request):
     """
     A request whose body beyond C{site.max_body} bytes is discarded, not
@@ -238,6 +250,6 @@ def make_root(worker, factory, store, dispatcher, origins):
     root.putChild(b"worker", WorkerInfo(worker))
     root.putChild(b"upload", Cors(Upload(worker), origins, b"POST, OPTIONS"))
     if ui is not None:
-        root.putChild(b"static", static.File(str(ui)))
+        root.putChild(b"static", ui_resource(ui))
     return root
 

@@ -8,8 +8,9 @@ The service tree of one worker.
       ├─ messages          expires parked large messages
       └─ heartbeat         optional: stop when clients stop sending heartbeats
 
-A host application mounts C{WorkerService.resource} in its own Site and adds
-the service to its own tree; the standalone daemon adds a L{Listener}.
+A host application builds one with L{create}, mounts its C{resource} under
+any path of its own Site and adds the service to its own tree; the
+standalone daemon (L{funcnodes_tw.tap}) adds a L{Listener}.
 """
 
 import os
@@ -26,9 +27,10 @@ from funcnodes_tw.commands.library import add_package_dependency
 from funcnodes_tw.hub import Hub
 from funcnodes_tw.logs import LEVELS, WorkerLog
 from funcnodes_tw.messages import LargeMessageStore
-from funcnodes_tw.protocol import make_factory, protocol_options
+from funcnodes_tw.protocol import DEFAULT_MAX_MESSAGE_SIZE, make_factory, protocol_options
 from funcnodes_tw.resources import make_root
 from funcnodes_tw.rpc import Dispatcher
+from funcnodes_tw.worker import Worker
 
 _log = Logger()
 
@@ -77,7 +79,7 @@ class WorkerService(MultiService):
         self,
         worker,
         clock,
-        max_message_size,
+        max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
         required_heartbeat=None,
         allowed_origins=None,
         max_binary_frame=None,
@@ -87,6 +89,7 @@ class WorkerService(MultiService):
         self.setName("funcnodes-worker")
         self.worker = worker
         self.clock = clock
+        worker.stop = self._stop_alone
         self.log = WorkerLog(worker.files.data, log_level or LEVELS["info"])
         self.store = LargeMessageStore(clock, base_url=self._base_url)
         self.hub = Hub(max_message_size, self.store, max_binary_frame)
@@ -108,6 +111,15 @@ class WorkerService(MultiService):
             loops.timer(
                 "heartbeat", interval, lambda: loops.heartbeat_check(worker, required_heartbeat), clock
             ).setServiceParent(self)
+
+    def _stop_alone(self):
+        """
+        C{stop_worker} inside a host application stops this service only.
+        """
+        if self.parent is not None:
+            self.disownServiceParent()
+        elif self.running:
+            self.stopService()
 
     def _base_url(self):
         return f"http://{self.worker.host}:{self.worker.port}"
@@ -153,7 +165,8 @@ class WorkerService(MultiService):
 
     def listening(self, address):
         """
-        Called once the port is bound: now the registration is true.
+        Called once the port is bound: now the registration is true. A host
+        application calls it with its own port's address.
         """
         worker = self.worker
         worker.host, worker.port = address.host, address.port
@@ -184,6 +197,26 @@ class WorkerService(MultiService):
         persistence.remove(worker.files.runstate)
         _log.info("Worker {uuid} stopped", uuid=worker.uuid)
         self.log.stop()
+
+
+def create(
+    uuid, data_path=None, name=None, clock=None, debug=False, workers_dir=None, **settings
+):
+    """
+    A worker service for an existing Twisted application.
+
+        fn = create("my-worker", data_path="/srv/fn")
+        fn.setServiceParent(application)
+        root.putChild(b"fn", fn.resource)   # the UI connects to ws://host:port/fn/
+
+    The registration files go to C{workers_dir} (default: the FuncNodes
+    config's C{workers/}); C{settings} are L{WorkerService}'s keyword arguments.
+    """
+    if clock is None:
+        from twisted.internet import reactor as clock
+    files = persistence.WorkerFiles(uuid, data_path, workers_dir)
+    worker = Worker(files, uuid, name=name, debug=debug, clock=clock)
+    return WorkerService(worker, clock, **settings)
 
 
 def _read_config(path):

@@ -14,12 +14,13 @@ from twisted.python import usage
 
 from funcnodes_tw import aio, persistence
 from funcnodes_tw.logs import LEVELS
+from funcnodes_tw.protocol import DEFAULT_MAX_MESSAGE_SIZE
 
 _log = Logger()
 
 START_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", 9382))
 END_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_ENDPORT", 9582))
-MAX_MESSAGE_SIZE = int(os.environ.get("FUNCNODES_WS_WORKER_MAX_SIZE", 1024 * 1024))
+MAX_MESSAGE_SIZE = int(os.environ.get("FUNCNODES_WS_WORKER_MAX_SIZE", DEFAULT_MAX_MESSAGE_SIZE))
 MAX_UPLOAD_SIZE = int(os.environ.get("FUNCNODES_WS_WORKER_MAX_DATA_SIZE", 10 * 1024**3))
 
 
@@ -129,21 +130,22 @@ def makeService(options, reactor=None):
     if reactor is None:
         reactor = aio.install_reactor()
     from funcnodes_tw.resources import make_site
-    from funcnodes_tw.service import Listener, WorkerService
-    from funcnodes_tw.worker import Worker
+    from funcnodes_tw.service import Listener, create
 
     files = persistence.WorkerFiles(options["uuid"], options["data-path"])
-    worker = Worker(files, options["uuid"], name=options["name"], debug=options["debug"], clock=reactor)
-    saved = _saved_config(files)
-    service = WorkerService(
-        worker,
-        reactor,
-        options["max-message-size"],
-        options["required-heartbeat"],
-        options["allow-origin"] or saved.get("allowed_origins"),
-        options["max-binary-frame"],
-        LEVELS[options["log-level"]],
+    service = create(
+        options["uuid"],
+        options["data-path"],
+        name=options["name"],
+        clock=reactor,
+        debug=options["debug"],
+        max_message_size=options["max-message-size"],
+        required_heartbeat=options["required-heartbeat"],
+        allowed_origins=options["allow-origin"] or _saved_config(files).get("allowed_origins"),
+        max_binary_frame=options["max-binary-frame"],
+        log_level=LEVELS[options["log-level"]],
     )
+    worker = service.worker
     worker.stop = _once(reactor.stop)
 
     def failed(failure):

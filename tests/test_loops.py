@@ -192,9 +192,9 @@ def test_a_failing_timer_keeps_running():
 def heartbeat_service(tmp_path, clock, required):
     files = WorkerFiles("hbworker", root=tmp_path)
     worker = Worker(files, "hbworker", clock=clock)
+    service = WorkerService(worker, clock, 1024 * 1024, required_heartbeat=required)
     stops = []
     worker.stop = lambda: stops.append(clock.seconds())
-    service = WorkerService(worker, clock, 1024 * 1024, required_heartbeat=required)
     timer = service.getServiceNamed("heartbeat")
     timer.startService()
     return worker, timer, stops
@@ -220,9 +220,9 @@ def test_heartbeat_silence_counts_from_the_start_not_from_construction(tmp_path)
     clock = Clock()
     files = WorkerFiles("hbworker", root=tmp_path)
     worker = Worker(files, "hbworker", clock=clock)
+    service = WorkerService(worker, clock, 1024 * 1024, required_heartbeat=2)
     stops = []
     worker.stop = lambda: stops.append(clock.seconds())
-    service = WorkerService(worker, clock, 1024 * 1024, required_heartbeat=2)
     clock.advance(30)  # a slow start
     service.prepare()
     timer = service.getServiceNamed("heartbeat")

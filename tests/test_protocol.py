@@ -86,9 +86,9 @@ class Session:
         files.create()
         self.worker = Worker(files, "memworker", clock=clock)
         self.worker.nodespace.add_shelf(_SHELF)
+        self.service = WorkerService(self.worker, clock, MAX_SIZE)
         self.stops = []
         self.worker.stop = lambda: self.stops.append(clock.seconds())
-        self.service = WorkerService(self.worker, clock, MAX_SIZE)
         self.factory = self.service.factory
         self.pumps = []
         self._port = 40000
