@@ -53,8 +53,11 @@ class Hub:
         """
         Send to one client, or to all when C{client} is None (HTTP commands).
         """
+        targets = self._listeners() if client is None else [client]
+        if not targets:
+            return  # nobody to tell: do not encode it, nor park it as a large message
         payload = self._fit(wire.dumps(message))
-        for target in self._listeners() if client is None else [client]:
+        for target in targets:
             target.send_text(payload)
 
     def broadcast(self, message):
@@ -66,9 +69,12 @@ class Hub:
         limit is configured (the real UI cannot reassemble chunks).
         """
         frames = wire.binary_frames(payload, header, self.max_binary_frame)
+        key = None
+        if header.get("type") == "io_value" and len(frames) == 1:
+            key = (header.get("node"), header.get("io"))
         for target in self._listeners() if client is None else [client]:
             for frame in frames:
-                target.send_binary(frame)
+                target.send_binary(frame, key)
 
     def broadcast_binary(self, payload, header):
         self.send_binary(None, payload, header)

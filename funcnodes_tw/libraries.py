@@ -57,6 +57,24 @@ def shelf_of(module):
     return module.entry_points.get("shelf")
 
 
+def register_ui_plugin(module):
+    """
+    Offer the module's UI plugin through C{get_plugin_keys}.
+
+    funcnodes-core sets modules up in entry-point order, so a module set up
+    before funcnodes_react_flow registered its hook never had its plugin
+    recorded; the keys are C{str(module)}, as the hook makes them.
+    """
+    try:
+        import funcnodes_react_flow
+    except ImportError:
+        return
+    plugin = module.entry_points.get("react_plugin")
+    imported = module.module or module.entry_points.get("module")
+    if plugin is not None and imported is not None:
+        funcnodes_react_flow.FUNCNODES_REACT_PLUGIN[str(imported)] = plugin
+
+
 def describe(module):
     """
     The C{get_available_modules} entry for an installed module.

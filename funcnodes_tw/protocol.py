@@ -15,9 +15,14 @@ from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
 from funcnodes_tw import __version__, wire
+from funcnodes_tw.outbox import Outbox
 
 #: The reference's C{FUNCNODES_WS_WORKER_MAX_SIZE} default.
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+#: How far a client may fall behind before it is cut off.
+DEFAULT_MAX_CLIENT_QUEUE = 32 * 1024 * 1024
+#: Close code for a client that fell too far behind (application range).
+CLOSE_TOO_SLOW = 4008
 
 
 class WorkerProtocol(WebSocketServerProtocol):
@@ -34,6 +39,11 @@ class WorkerProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         self._tail = succeed(None)
+        self.outbox = Outbox(self._write, self.factory.max_client_queue, self._too_slow)
+        if getattr(self.transport, "producer", None) is not None:
+            # Twisted Web's HTTPChannel, left behind when the WebSocket took over.
+            self.transport.unregisterProducer()
+        self.registerProducer(self.outbox, True)
         self.factory.hub.join(self)
 
     def onMessage(self, payload, isBinary):
@@ -50,14 +60,42 @@ class WorkerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason):
         self.factory.hub.leave(self)
+        outbox = getattr(self, "outbox", None)
+        if outbox is not None:
+            outbox.stopProducing()
 
     def send_text(self, payload):
         if self.state == self.STATE_OPEN:
-            self.sendMessage(payload, isBinary=False)
+            self.outbox.put(payload, False)
 
-    def send_binary(self, payload):
+    def send_binary(self, payload, key=None):
+        """
+        Send a binary frame; a waiting frame with the same C{key} (a value
+        preview of the same IO) is superseded by this one.
+        """
         if self.state == self.STATE_OPEN:
-            self.sendMessage(payload, isBinary=True)
+            self.outbox.put(payload, True, key)
+
+    def _write(self, payload, is_binary):
+        if self.state == self.STATE_OPEN:
+            # Autobahn's maxMessagePayloadSize caps outgoing messages too, but the
+            # limit is for what clients send (the reference's aiohttp max_msg_size
+            # is inbound only): big text is already a large_message pointer, and
+            # big binary values have no fallback, so lift the cap while sending.
+            limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+            try:
+                self.sendMessage(payload, isBinary=is_binary)
+            finally:
+                self.maxMessagePayloadSize = limit
+
+    def _too_slow(self):
+        self._log.warn(
+            "Closing {peer}: more than {limit} bytes waiting for it",
+            peer=self.peer,
+            limit=self.factory.max_client_queue,
+        )
+        self.factory.hub.leave(self)
+        self.sendClose(CLOSE_TOO_SLOW, "Client too slow: reconnect to resynchronise")
 
     def going_away(self, reason):
         """
@@ -87,11 +125,12 @@ def protocol_options(max_message_size, ping_interval=10, ping_timeout=20):
     }
 
 
-def make_factory(hub, dispatcher, options, origins):
+def make_factory(hub, dispatcher, options, origins, max_client_queue=DEFAULT_MAX_CLIENT_QUEUE):
     factory = WebSocketServerFactory(server=f"funcnodes_tw/{__version__}")
     factory.protocol = WorkerProtocol
     factory.setProtocolOptions(**options)
     factory.hub = hub
     factory.dispatcher = dispatcher
     factory.origins = origins
+    factory.max_client_queue = max_client_queue
     return factory

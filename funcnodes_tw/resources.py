@@ -74,6 +74,8 @@ class Message(resource.Resource):
         return _text(request, 404, "Message not found")
 
     def render_POST(self, request):
+        if getattr(request, "too_large", False):
+            return _text(request, 413, "Message too large")
         try:
             message = self.dispatcher.parse(None, request.content.read())
         except Exception:

@@ -26,7 +26,8 @@ class Dispatcher:
         try:
             message = wire.loads(payload)
         except wire.MessageError as exc:
-            self.hub.send(client, wire.error(exc, None))
+            if client is not None:  # POST /message/ answers 400 instead of broadcasting
+                self.hub.send(client, wire.error(exc, None))
             return None
         kind = message.get("type")
         if kind == "ping":

@@ -151,7 +151,10 @@ def makeService(options, reactor=None):
     def failed(failure):
         _log.critical("Cannot listen: {error}", error=failure.value)
         service.exit_code = 1
-        reactor.stop()
+        # The port is usually refused synchronously in startService, before
+        # the reactor runs: stopping right away would raise ReactorNotRunning
+        # and leave the process hanging.
+        reactor.callWhenRunning(reactor.stop)
 
     Listener(
         listen_descriptions(options, files),

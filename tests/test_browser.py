@@ -8,8 +8,11 @@ Screenshots of every step land in the test's ``tmp_path`` next to ``worker.log``
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -92,12 +95,38 @@ def ui_server():
         yield server
 
 
+@pytest.fixture
+def files_worker(request):
+    """The worker with funcnodes-files active: its File Upload node is the UI's upload control.
+
+    The core UI bundle never calls its own ``upload_file``; only renderer plugins do, and
+    funcnodes-files' ``files.upl`` input renderer is the one that ships with FuncNodes.
+    """
+    pytest.importorskip("funcnodes_files")
+    port = request.getfixturevalue("worker")
+    ws_command(port, "add_package_dependency", name="funcnodes-files")
+    return port
+
+
 def test_build_and_wire_graph_in_ui(chromium, worker, ui_server, tmp_path):
     """Add, edit and wire nodes purely through the UI and read results back from the page."""
     run_in_thread(_drive_ui, chromium, ui_server.url(worker), tmp_path, timeout=120)
 
 
-def _drive_ui(chromium: str, url: str, shots: Path):
+def test_large_value_through_http_fallback(chromium, worker, ui_server, tmp_path):
+    """A value over 1 MiB travels both ways over HTTP, and the page shows what it fetched."""
+    scenario = functools.partial(_large_value_scenario, worker_port=worker)
+    run_in_thread(_drive_ui, chromium, ui_server.url(worker), tmp_path, scenario, timeout=120)
+
+
+def test_upload_file_from_page(chromium, files_worker, ui_server, tmp_path):
+    """A file chosen in the page's upload control lands byte for byte in the worker's files/."""
+    scenario = functools.partial(_upload_scenario, files_dir=tmp_path / "data" / "files")
+    run_in_thread(_drive_ui, chromium, ui_server.url(files_worker), tmp_path, scenario,
+                  timeout=120)
+
+
+def _drive_ui(chromium: str, url: str, shots: Path, scenario=None):
     # Playwright's sync API refuses to run in a thread that owns an asyncio loop (the
     # pytest-twisted asyncio reactor), hence this runs via run_in_thread.
     from playwright.sync_api import expect, sync_playwright
@@ -125,7 +154,7 @@ def _drive_ui(chromium: str, url: str, shots: Path):
             page.on("pageerror", on_page_error)
             page.on("console", on_console)
             try:
-                _scenario(FuncNodesUI(page), expect, url, shot)
+                (scenario or _scenario)(FuncNodesUI(page), expect, url, shot)
             except Exception:
                 shot("99-failure")
                 raise
@@ -185,3 +214,141 @@ def _scenario(ui: FuncNodesUI, expect, url: str, shot):
     expect(ui.output_value(add, "out")).to_have_text('"13.5"')
     expect(ui.output_value(mul, "out")).to_have_text('"54"')
     shot("07-propagated")
+
+
+# --------------------------------------------------------------------------- large values
+
+#: 80 000 keys: about 1.4 MB of JSON either way, over the worker's default 1 MiB limit
+#: and over the UI's 1e6-byte limit for sending over the socket.
+BIG_KEYS = 80_000
+#: The start of the dict's JSON, compact (orjson) or with the separators of json.dumps.
+BIG_PREVIEW = re.compile(r'k000000\\?":\s?0,\s?\\?"k000001\\?":\s?1,')
+
+
+def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: int):
+    """Paste 1.4 MB of JSON into a JSON Input node, then reload the page.
+
+    1. The UI sends the oversized ``set_io_value`` via ``POST /message/``; the worker's
+       result (the 1.4 MB string) comes back as a ``large_message`` hint on the socket,
+       and the page fetches ``GET /message/<msg_id>`` by itself.
+    2. The node's output (a dict of 80 000 keys) arrives as a binary preview frame larger
+       than the limit, which only bounds what clients send.
+    3. After a reload the output's preview is only available through ``get_io_value``,
+       whose 1.3 MB result again comes as a hint: what the page shows was fetched.
+    """
+    page = ui.page
+    big = {f"k{i:06d}": i for i in range(BIG_KEYS)}
+    text = json.dumps(big)
+    assert len(text) > 1_048_576 * 1.3
+
+    hints: list[str] = []
+    messages = []  # responses of the page's requests to <worker>/message/...
+
+    def on_frame(payload):
+        if isinstance(payload, str) and len(payload) < 1000 and "large_message" in payload:
+            hint = json.loads(payload)
+            if hint.get("type") == "large_message":
+                hints.append(hint["msg_id"])
+
+    page.on("websocket", lambda ws: ws.on("framereceived", on_frame))
+    page.on("response", lambda r: messages.append(r) if "/message/" in r.url else None)
+    fetch_url = re.compile(rf"^http://127\.0\.0\.1:{worker_port}/message/([0-9a-f-]{{36}})$")
+
+    def fetched():
+        """(msg_id, parsed JSON) of every GET /message/<id> so far; all must be 200s."""
+        out = []
+        for response in messages:
+            if response.request.method != "GET":
+                continue
+            match = fetch_url.match(response.url)
+            assert match, f"unexpected fetch {response.url}"
+            assert response.status == 200, f"{response.url}: {response.status}"
+            out.append((match.group(1), response.json()))
+        return out
+
+    page.goto(url)
+    ui.open_library()
+    expect(ui.shelf("basics")).to_be_visible()
+    node = ui.add_node("input.json", "JSON Input")
+    expect(node).to_be_visible()
+    ui.close_library()
+    ui.zoom_out(1.0)
+    ui.move_node(node, 0.4, 0.3)
+    shot("11-json-node")
+
+    with page.expect_response(
+        lambda r: r.request.method == "GET" and "/message/" in r.url, timeout=20_000
+    ):
+        ui.paste_input(node, "input", text)
+    posts = [r for r in messages if r.request.method == "POST"]
+    assert [(r.url, r.status) for r in posts] == [
+        (f"http://127.0.0.1:{worker_port}/message/", 200)
+    ], "the UI should send the 1.4 MB set_io_value over POST /message/"
+    [(msg_id, message)] = fetched()
+    assert msg_id in hints, "fetched a message the worker never pointed to"
+    assert message["type"] == "result" and message["result"] == text
+    expect(ui.output_value(node, "json")).to_contain_text(BIG_PREVIEW, timeout=15_000)
+    shot("12-large-value-set")
+
+    messages.clear()
+    hints.clear()
+    page.reload()
+    expect(ui.output_value(node, "json")).to_contain_text(BIG_PREVIEW, timeout=15_000)
+    shot("13-large-value-after-reload")
+    after_reload = fetched()
+    assert {msg_id for msg_id, _ in after_reload} <= set(hints)
+    # The output's value reached this page only as a fetched get_io_value result.
+    assert any(m.get("type") == "result" and m.get("result") == big for _, m in after_reload), (
+        "no fetched message carried the output's value: "
+        + ", ".join(str(m.get("type")) for _, m in after_reload)
+    )
+
+
+# --------------------------------------------------------------------------- uploads
+
+UPLOAD_NAME = "Messdaten März 1.bin"
+UPLOAD_CONTENT = b"line 1\r\nline 2\n\x00\xff\xfe binary \xe2\x82 tail" * 100
+
+
+def _upload_scenario(ui: FuncNodesUI, expect, url: str, shot, files_dir: Path):
+    """Choose a file in funcnodes-files' File Upload node, the UI's upload control.
+
+    The control POSTs ``multipart/form-data`` to ``/upload/`` and sets the node's
+    ``input_data`` to the returned path; the node then reads the file (and, with ``save``
+    ticked, keeps it in ``files/``; unticked it would delete it after reading).
+    """
+    page = ui.page
+    page.goto(url)
+    ui.open_library()
+    expect(ui.shelf("Files")).to_be_visible()
+    node = ui.add_node("files.upl", "File Upload")
+    expect(node).to_be_visible()
+    ui.close_library()
+    ui.zoom_out(1.0)
+    ui.move_node(node, 0.4, 0.3)
+    # The plugin's renderer replaces the plain field with an upload button.
+    expect(node.get_by_role("button", name="Upload File")).to_be_visible()
+    # A controlled checkbox: it shows the value the worker echoes back, so click and wait.
+    ui.checkbox(node, "save").click()
+    expect(ui.checkbox(node, "save")).to_be_checked()
+    shot("21-upload-node")
+
+    with page.expect_response(lambda r: r.url.endswith("/upload/")) as uploaded:
+        ui.file_input(node, "input_data").set_input_files(
+            files=[{"name": UPLOAD_NAME, "mimeType": "application/octet-stream",
+                    "buffer": UPLOAD_CONTENT}]
+        )
+    response = uploaded.value
+    assert response.request.method == "POST"
+    assert response.request.headers["content-type"].startswith("multipart/form-data; boundary=")
+    assert response.status == 200, response.text()
+    assert response.json() == {"file": UPLOAD_NAME}
+
+    # The node got the returned path, read the whole file and describes it.
+    expect(ui.output_value(node, "data")).to_have_text(
+        f'"DataStructure({len(UPLOAD_CONTENT)},application/octet-stream)"'
+    )
+    expect(ui.output_value(node, "file")).to_contain_text(UPLOAD_NAME)
+    shot("22-uploaded")
+    assert (files_dir / UPLOAD_NAME).read_bytes() == UPLOAD_CONTENT
+    assert [p.relative_to(files_dir) for p in files_dir.rglob("*")] == [Path(UPLOAD_NAME)]

@@ -420,6 +420,26 @@ def test_as_bytes_result_is_one_binary_frame(session, slow, value, mime, payload
 
 
 @pytest_twisted.inlineCallbacks
+def test_binary_frames_may_exceed_the_inbound_limit(session, slow):
+    """
+    The message size limit is for what clients send. Binary frames have no
+    large-message fallback, so a value bigger than the limit must still go out
+    (the reference's aiohttp limit is inbound only); Autobahn's own cap would
+    refuse to send it.
+    """
+    a = listening_client(session)
+    big = bytes(range(256)) * (MAX_SIZE // 256 + 1)
+    slow.set_result(big)
+    a.send_json({**cmd("tw_test_slow", "big"), "as_bytes": True})
+    yield session.settle()
+    [frame] = a.frames
+    head, body = frame["binary"]
+    assert head.split(b";", 2)[2] == b"id=big; mime=application/octet-stream; type=result"
+    assert body == big
+    assert a.closed is None
+
+
+@pytest_twisted.inlineCallbacks
 def test_as_bytes_false_or_absent_gives_json(session):
     a = session.connect()
     a.send_json({**cmd("uuid", 1), "as_bytes": False})

@@ -221,6 +221,23 @@ class FuncNodesUI:
     def output_value(self, node, io: str):
         return self._io_row(node, "output", io).locator(".iovaluefield")
 
+    def text_field(self, node, io: str):
+        """The editable field of an input: an ``<input>``, or a ``<textarea>`` for strings."""
+        return self._io_row(node, "input", io).locator("input, textarea")
+
+    def checkbox(self, node, io: str):
+        return self._io_row(node, "input", io).locator('input[type="checkbox"]')
+
+    def file_input(self, node, io: str):
+        """The (hidden) ``<input type=file>`` behind an upload button of a plugin renderer."""
+        return self._io_row(node, "input", io).locator('input[type="file"]')
+
+    def paste_input(self, node, io: str, text: str):
+        """Put text into a field at once, like a paste (typing megabytes is impractical)."""
+        field = self.text_field(node, io)
+        field.fill(text)
+        field.press("Tab")
+
     def set_input(self, node, io: str, text: str):
         """Type like a user; the UI sends set_io_value when the field loses focus."""
         field = self.input_field(node, io)

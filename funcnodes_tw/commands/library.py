@@ -70,6 +70,7 @@ def add_package(worker, name, version=None):
     shelf = libraries.shelf_of(module)
     if shelf is not None:
         worker.nodespace.add_shelf(shelf)
+    libraries.register_ui_plugin(module)
     package = libraries.package_name(module)
     worker.package_dependencies[name] = {"package": package, "version": version or None}
 
