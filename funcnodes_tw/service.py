@@ -27,7 +27,12 @@ from funcnodes_tw.commands.library import add_package_dependency
 from funcnodes_tw.hub import Hub
 from funcnodes_tw.logs import LEVELS, WorkerLog
 from funcnodes_tw.messages import LargeMessageStore
-from funcnodes_tw.protocol import DEFAULT_MAX_MESSAGE_SIZE, make_factory, protocol_options
+from funcnodes_tw.protocol import (
+    DEFAULT_MAX_CLIENT_QUEUE,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    make_factory,
+    protocol_options,
+)
 from funcnodes_tw.resources import make_root
 from funcnodes_tw.rpc import Dispatcher
 from funcnodes_tw.worker import Worker
@@ -83,6 +88,7 @@ class WorkerService(MultiService):
         required_heartbeat=None,
         allowed_origins=None,
         max_binary_frame=None,
+        max_client_queue=DEFAULT_MAX_CLIENT_QUEUE,
         log_level=None,
     ):
         super().__init__()
@@ -97,7 +103,11 @@ class WorkerService(MultiService):
         self.dispatcher = Dispatcher(worker, self.hub)
         self.origins = OriginPolicy(allowed_origins)
         self.factory = make_factory(
-            self.hub, self.dispatcher, protocol_options(max_message_size), self.origins
+            self.hub,
+            self.dispatcher,
+            protocol_options(max_message_size),
+            self.origins,
+            max_client_queue,
         )
         self.resource = make_root(worker, self.factory, self.store, self.dispatcher, self.origins)
 

@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from funcnodes_tw import aio, persistence
 from funcnodes_tw.logs import LEVELS
-from funcnodes_tw.protocol import DEFAULT_MAX_MESSAGE_SIZE
+from funcnodes_tw.protocol import DEFAULT_MAX_CLIENT_QUEUE, DEFAULT_MAX_MESSAGE_SIZE
 
 _log = Logger()
 
@@ -57,6 +57,7 @@ class Options(usage.Options):
         ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
         ["max-message-size", None, MAX_MESSAGE_SIZE, "Largest WebSocket message in bytes.", _positive(int)],
         ["max-upload-size", None, MAX_UPLOAD_SIZE, "Largest HTTP request body in bytes.", _positive(int)],
+        ["max-client-queue", None, DEFAULT_MAX_CLIENT_QUEUE, "Bytes a slow client may fall behind before it is disconnected.", _positive(int)],
         ["max-binary-frame", None, None, "Split binary values into chunk=i/n frames of this many bytes (the UI cannot reassemble them).", _positive(int)],
     ]
 
@@ -143,6 +144,7 @@ def makeService(options, reactor=None):
         required_heartbeat=options["required-heartbeat"],
         allowed_origins=options["allow-origin"] or _saved_config(files).get("allowed_origins"),
         max_binary_frame=options["max-binary-frame"],
+        max_client_queue=options["max-client-queue"],
         log_level=LEVELS[options["log-level"]],
     )
     worker = service.worker

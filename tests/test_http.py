@@ -993,3 +993,36 @@ def test_export_round_trip_with_the_reference(start, tmp_path):
 
 
 # endregion
+
+
+# region slow clients
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_stops_reading_is_cut_off_while_others_keep_up(start):
+    """
+    A client that stops reading may not grow the worker's memory beyond
+    --max-client-queue: it is disconnected, and the others get every event.
+    """
+    limit = 256 * 1024
+    worker = yield start("--max-client-queue", str(limit), "--max-message-size", str(8 << 20))
+    fast = yield worker.connect()
+    slow = yield worker.connect()
+    slow_port = slow._proto.transport.getHost().port
+    (server,) = [p for p in worker.service.hub.clients if p.transport.getPeer().port == slow_port]
+    slow._proto.transport.pauseProducing()  # stop reading: its TCP window fills up
+
+    peak = 0
+    name = "n" * 100_000
+    for _ in range(150):  # ~30 MB of node_added events, far beyond the socket buffers
+        yield fast.call("add_node", id="add_node", name=name)
+        peak = max(peak, server.outbox.size)
+    yield fast.wait_quiet(0.3)
+
+    added = [m for m in fast.transcript if m.get("event") == "node_added"]
+    assert len(added) == 150, "the client that keeps up gets every event"
+    assert server.outbox.overflowed, "the slow client was cut off"
+    assert server not in worker.service.hub.clients
+    assert peak <= limit + 300_000, f"at most one message beyond the bound waited ({peak})"
+    slow._proto.transport.resumeProducing()
+    yield slow.when_closed()
