@@ -65,6 +65,14 @@ def as_deferred(awaitable):
     return Deferred.fromFuture(asyncio.ensure_future(awaitable, loop=event_loop()))
 
 
+def as_future(deferred):
+    """
+    A Deferred as an asyncio future on the reactor's loop, for node code to
+    C{await}; cancelling the future cancels the Deferred.
+    """
+    return deferred.asFuture(event_loop())
+
+
 def call(function, *args, **kwargs):
     """
     Call a plain or C{async} function and always get a Deferred back.

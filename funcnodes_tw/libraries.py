@@ -1,15 +1,29 @@
 """
-Node libraries: FuncNodes modules installed in this environment.
+Node libraries: FuncNodes modules installed in this environment, the cached
+list of modules that could be installed, and the worker's local scripts.
 
 A module advertises itself through the C{funcnodes.module} entry point group;
 funcnodes-core's setup collects them. Package names (C{funcnodes-basic}) map
-to module names (C{funcnodes_basic}) by swapping dashes for underscores.
+to module names (C{funcnodes_basic}) by swapping dashes for underscores, or,
+for packages named otherwise, through their distribution's entry points.
+Nothing here touches the network.
 """
 
+import csv
+import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+from twisted.logger import Logger
 
 from funcnodes_core._setup import AVAILABLE_MODULES, setup, setup_module
 from funcnodes_core.utils.plugins_types import InstalledModule
+
+_log = Logger()
 
 #: What a brand-new worker has in its library, so it has real nodes at once.
 DEFAULT_PACKAGES = ("funcnodes-basic",)
@@ -34,9 +48,13 @@ def find_module(name):
     @raise PackageNotFound: when nothing of that name is installed.
     """
     modname = name.replace("-", "_")
-    module = installed_modules().get(modname)
+    modules = installed_modules()
+    module = modules.get(modname)
     if module is not None:
         return module
+    for candidate in _distribution_modules(name):
+        if candidate in modules:
+            return modules[candidate]
     try:
         imported = importlib.import_module(modname)
     except ImportError:
@@ -44,6 +62,19 @@ def find_module(name):
     module = setup_module(InstalledModule(name=modname, module=imported))
     AVAILABLE_MODULES[modname] = module
     return module
+
+
+def _distribution_modules(name):
+    """
+    The modules distribution C{name} advertises as C{funcnodes.module}.
+    """
+    try:
+        points = importlib.metadata.distribution(name).entry_points
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return []
+    points = [p for p in points if p.group == "funcnodes.module"]
+    points.sort(key=lambda p: p.name != "module")
+    return [p.module for p in points]
 
 
 def package_name(module):

@@ -72,13 +72,38 @@ def write_atomic(path, data, keep_previous=True):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
         if keep_previous and path.exists():
-            os.replace(path, path.with_name(path.name + ".bu"))
+            _keep_backup(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _keep_backup(path):
+    """
+    Make C{<name>.bu} the current C{path} without ever taking C{path} away.
+
+    A hard link, not a rename: renaming C{path} to the backup first left a
+    moment without C{path}, and a kill -9 in it made the next start find no
+    state and begin with an empty graph. Now a crash at any point leaves
+    C{path} whole (at worst without a backup).
+    """
+    backup = path.with_name(path.name + ".bu")
+    remove(backup)
+    try:
+        os.link(path, backup)
+    except OSError:  # a file system without hard links
+        write_atomic(backup, path.read_bytes(), keep_previous=False)
+
+
+def remove_stale_temporaries(path):
+    """
+    Delete C{path}'s temporary files left by a writer that was killed.
+    """
+    for stale in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        remove(stale)
 
 
 def _fsync_dir(folder):

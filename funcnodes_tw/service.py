@@ -146,6 +146,8 @@ class WorkerService(MultiService):
         files.create()
         self.log.start()
         claim_process_file(files.process)
+        for path in (files.state, files.config, files.runstate, files.process):
+            persistence.remove_stale_temporaries(path)
         worker.set_runstate("starting", "Loading config")
         config = _read_config(files.config)
         if config is None:

@@ -3,6 +3,7 @@ Command-line options and the service maker for C{twistd funcnodes-worker}
 and the C{funcnodes-tw} launcher.
 """
 
+import atexit
 import os
 import re
 import sys
@@ -153,6 +154,9 @@ def makeService(options, reactor=None):
     def failed(failure):
         _log.critical("Cannot listen: {error}", error=failure.value)
         service.exit_code = 1
+        # twistd ignores exit codes; leave with 1 after its own clean-up, so
+        # that a supervisor (systemd's Restart=on-failure) sees the failure.
+        atexit.register(os._exit, 1)
         # The port is usually refused synchronously in startService, before
         # the reactor runs: stopping right away would raise ReactorNotRunning
         # and leave the process hanging.
