@@ -1,0 +1,127 @@
+"""The side-by-side table and the JSON results."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any, Dict, List, Optional, TextIO
+
+from bench.figures import Recorder, Row
+from bench.harness import ROOT, SIDES, TITLES
+
+HEADER = ["figure", TITLES["tw"], TITLES["ref"], "ratio (tw/ref)", "better"]
+
+
+def number(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    if abs(round(value, 1)) >= 100:
+        return f"{value:.0f}"
+    if abs(round(value, 2)) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def cells(row: Row) -> List[str]:
+    values = [f"{number(row.values.get(side))} {row.unit}" for side in SIDES]
+    ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
+    return [row.label, *values, ratio, row.better or ""]
+
+
+def write_table(recorders: List[Recorder], stream: TextIO) -> None:
+    """One table for all figures, a rule between figures; failed figures say why."""
+    lines: List[Any] = [HEADER]
+    for rec in recorders:
+        lines.append(None)
+        if rec.error:
+            lines.append([f"{rec.name}: FAILED ({rec.error})", "", "", "", ""])
+        for row in rec.rows:
+            lines.append(cells(row))
+    widths = [max(len(line[i]) for line in lines if line) for i in range(len(HEADER))]
+    rule = "-+-".join("-" * w for w in widths)
+    for line in lines:
+        if line is None:
+            stream.write(rule + "\n")
+            continue
+        text = [line[0].ljust(widths[0])]
+        text += [cell.rjust(widths[i + 1]) for i, cell in enumerate(line[1:4])]
+        text.append(line[4].ljust(widths[4]))
+        stream.write(" | ".join(text).rstrip() + "\n")
+    stream.flush()
+
+
+def machine() -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    info["mem_total_mb"] = int(line.split()[1]) * 1024 // 1_000_000
+                    break
+    except OSError:
+        pass
+    try:
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def versions() -> Dict[str, Optional[str]]:
+    found = {}
+    for dist in ("funcnodes-tw", "funcnodes-worker", "funcnodes-core", "funcnodes-basic",
+                 "twisted", "autobahn", "aiohttp"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def git_state() -> Dict[str, Any]:
+    """The commit funcnodes_tw was measured at, and its uncommitted files."""
+
+    def git(*args):
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10
+        )
+        return done.stdout.rstrip("\n") if done.returncode == 0 else None  # keep " M"
+
+    try:
+        commit = (git("rev-parse", "--short", "HEAD") or "").strip() or None
+        status = git("status", "--porcelain", "--", "funcnodes_tw")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": []}
+    return {"commit": commit, "dirty": [line[3:] for line in (status or "").splitlines()]}
+
+
+def results_document(recorders: List[Recorder], config: Dict[str, Any], started: datetime.datetime):
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+        "git": git_state(),
+        "config": config,
+        "sides": dict(TITLES),
+        "figures": [rec.as_dict() for rec in recorders],
+    }
+
+
+def write_json(path: str, document: Dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1, default=str)
+        f.write("\n")
