@@ -8,6 +8,7 @@ C{spill_size} wait in a temporary file instead of RAM, so a 50 MB value
 costs the worker 50 MB only while it is being encoded.
 """
 
+import ctypes
 import io
 import os
 import tempfile
@@ -17,6 +18,22 @@ from collections import OrderedDict
 from twisted.logger import Logger
 
 _log = Logger()
+
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
+def give_back_memory():
+    """
+    Return freed heap memory to the operating system.
+
+    glibc keeps freed buffers below 32 MiB in the heap, so after encoding a
+    20 MB message the worker's RSS would stay ~50 MB higher for good.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class _Entry:
@@ -70,6 +87,8 @@ class LargeMessageStore:
         data, path = payload, None
         if len(payload) > self.spill_size:
             data, path = None, self._spill(payload)
+            # Once this turn's encoding buffers are gone, hand them back.
+            self.clock.callLater(0, give_back_memory)
         self._entries[msgid] = _Entry(data, path, len(payload), self.clock.seconds() + self.ttl)
         self.size += len(payload)
         return msgid
@@ -105,10 +124,11 @@ class LargeMessageStore:
 
     def expire(self):
         now = self.clock.seconds()
-        for msgid, entry in list(self._entries.items()):
-            if entry.expires <= now:
-                del self._entries[msgid]
-                self._forget(entry)
+        expired = [msgid for msgid, entry in self._entries.items() if entry.expires <= now]
+        for msgid in expired:
+            self._forget(self._entries.pop(msgid))
+        if expired:
+            give_back_memory()
 
     def clear(self):
         for entry in self._entries.values():
