@@ -10,19 +10,59 @@ output to ``out.raw``. To add a figure, write one more such function below.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import statistics
 import string
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
-from bench.harness import MB, SIDES, Bench, RssSampler, Worker, hwm_bytes, reset_hwm
+import aiohttp
+
+from bench.harness import (
+    MB, SIDES, Bench, RssSampler, Worker, hwm_bytes, reset_hwm, sched_seconds,
+)
 
 
 # -- results ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """A goal for one row: ``op`` (">=" or "<=") ``value``, checked against the ratio
+    tw/ref (``on="ratio"``) or against funcnodes_tw's own value (``on="tw"``, in the
+    row's unit)."""
+
+    op: str
+    value: float
+    on: str = "ratio"
+
+    def text(self, unit: str) -> str:
+        if self.on == "ratio":
+            return f"{self.op} {self.value:.1f}x"
+        return f"{self.op} {self.value:g} {unit}"
+
+    def met(self, row: "Row") -> Optional[bool]:
+        actual = row.ratio if self.on == "ratio" else row.values.get("tw")
+        if actual is None:
+            return None
+        return actual >= self.value if self.op == ">=" else actual <= self.value
+
+
+def ratio_at_least(value: float) -> Target:
+    return Target(">=", value)
+
+
+def ratio_at_most(value: float) -> Target:
+    return Target("<=", value)
+
+
+def tw_at_most(value: float) -> Target:
+    return Target("<=", value, on="tw")
+
+
 @dataclass
 class Row:
     label: str
@@ -32,6 +72,15 @@ class Row:
     #: No ratio when the reference's value is below this (e.g. RSS growth of 0.0 MB)
     #: or when the two values have opposite signs.
     noise: float = 0.0
+    target: Optional[Target] = None
+
+    @property
+    def target_text(self) -> Optional[str]:
+        return None if self.target is None else self.target.text(self.unit)
+
+    @property
+    def met(self) -> Optional[bool]:
+        return None if self.target is None else self.target.met(self)
 
     @property
     def ratio(self) -> Optional[float]:
@@ -49,6 +98,8 @@ class Row:
             "better": self.better,
             **{side: self.values.get(side) for side in SIDES},
             "ratio": self.ratio,
+            "target": self.target_text,
+            "met": self.met,
         }
 
 
@@ -61,9 +112,11 @@ class Recorder:
     error: Optional[str] = None
     seconds: float = 0.0
 
-    def add(self, label: str, unit: str, values: Dict[str, Optional[float]], better=None) -> Row:
+    def add(self, label: str, unit: str, values: Dict[str, Optional[float]], better=None,
+            target: Optional[Target] = None) -> Row:
         """One table row; ratios of MB values under 1 MB are noise and not shown."""
-        row = Row(label, unit, dict(values), better, noise=1.0 if unit == "MB" else 0.0)
+        row = Row(label, unit, dict(values), better, noise=1.0 if unit == "MB" else 0.0,
+                  target=target)
         self.rows.append(row)
         return row
 
@@ -83,14 +136,16 @@ class Figure:
     name: str
     title: str
     run: Callable[[Bench, Any, Recorder], Awaitable[None]]
+    #: Environment changes for both workers of this figure (None removes a variable).
+    env: Dict[str, Optional[str]] = field(default_factory=dict)
 
 
 FIGURES: List[Figure] = []
 
 
-def figure(name: str, title: str):
+def figure(name: str, title: str, env: Optional[Dict[str, Optional[str]]] = None):
     def register(function):
-        FIGURES.append(Figure(name, title, function))
+        FIGURES.append(Figure(name, title, function, dict(env or {})))
         return function
 
     return register
@@ -173,7 +228,7 @@ async def upload(bench: Bench, cfg, out: Recorder):
         if status != 200:
             raise RuntimeError(f"{w.title}: warm-up upload -> {status} {reply[:200]!r}")
         _clear_files(w)
-    sizes = [(cfg.upload_mb, cfg.upload_rounds)]
+    sizes = [(size_mb, cfg.upload_rounds) for size_mb in cfg.upload_sizes]
     if cfg.big:
         sizes.append((cfg.big_upload_mb, 1))
     for size_mb, rounds in sizes:
@@ -216,11 +271,17 @@ async def upload(bench: Bench, cfg, out: Recorder):
 
         results = await bench.alternate(rounds, measure)
         label = f"upload {size_mb} MB"
+        # The goals are for the first size (100 MB; --quick: its tiny stand-in).
+        goal = size_mb == cfg.upload_sizes[0]
         out.raw[label] = results
-        out.add(f"{label}: throughput", "MB/s", per_side(results, median_of("mb_per_s")), "higher")
+        out.add(
+            f"{label}: throughput", "MB/s", per_side(results, median_of("mb_per_s")), "higher",
+            target=ratio_at_least(1.0) if goal else None,
+        )
         out.add(
             f"{label}: peak RSS growth", "MB",
             per_side(results, lambda rs: mb(max(r["peak_growth"] for r in rs))), "lower",
+            target=tw_at_most(10) if goal else None,
         )
         out.add(
             f"{label}: RSS before", "MB", per_side(results, lambda rs: mb(rs[-1]["rss_before"]))
@@ -312,7 +373,7 @@ async def _large_value_phase(bench: Bench, cfg, out: Recorder, size_mb: int, fet
     out.add(
         f"large message {label}: round trip (hint + GET)", "MB/s",
         per_side(results, lambda rs: mb(size) / statistics.median(r["seconds"] for r in rs)),
-        "higher",
+        "higher", target=ratio_at_least(3.0) if waits else None,
     )
     out.add(f"RSS before the {label} value", "MB", {s: mb(v) for s, v in before.items()})
     out.add(f"RSS at start ({label} value set)", "MB", {s: mb(v) for s, v in start.items()})
@@ -336,6 +397,8 @@ async def _large_value_phase(bench: Bench, cfg, out: Recorder, size_mb: int, fet
         out.add(
             f"RSS {wait:g} s after minus start", "MB",
             {s: mb(rss[s] - start[s]) for s in SIDES}, "lower",
+            # The goal: back within 20 MB of the start a minute after (--full).
+            target=tw_at_most(20) if wait == 60 else None,
         )
     out.raw[label] = {
         "value_bytes": size,
@@ -384,10 +447,11 @@ async def rpc(bench: Bench, cfg, out: Recorder):
     pooled = {s: [x for r in rs for x in r["latencies"]] for s, rs in results.items()}
     cpu = {s: sum(r["cpu_seconds"] for r in rs) for s, rs in results.items()}
     n = per_round * rounds
-    for p in (50, 99):
+    for p, goal in ((50, 1.0), (99, 0.7)):
         out.add(
             f"uuid RPC p{p} ({n} calls)", "ms",
             {s: percentile(v, p) * 1e3 for s, v in pooled.items()}, "lower",
+            target=ratio_at_most(goal),
         )
     out.add(
         "uuid RPC calls per second (sequential)", "1/s",
@@ -405,3 +469,326 @@ async def rpc(bench: Bench, cfg, out: Recorder):
         for s, v in pooled.items()
     }
     out.raw["cpu_seconds"] = cpu
+
+
+# -- isolation: in a module of its own (bench/isolation.py) --------------------------------
+from bench import isolation as _isolation  # noqa: E402,F401  (registers the figure)
+
+
+# -- 4. pipelined RPC throughput ----------------------------------------------------------
+#: A ``uuid`` command with a numbered id; the reply is counted, not parsed.
+PIPE_COMMAND = '{"type": "cmd", "cmd": "uuid", "kwargs": {}, "id": "p%d", "as_bytes": false}'
+RESULT_STARTS = ('{"type":"result"', '{"type": "result"')  # orjson (tw), json (reference)
+
+
+async def _pipelined(ws, calls: int, depth: int) -> None:
+    """Keep ``depth`` ``uuid`` commands in flight on ``ws`` until ``calls`` replies came:
+    send ``depth``, then one more for each reply."""
+    sent = min(depth, calls)
+    for i in range(sent):
+        await ws.send_str(PIPE_COMMAND % i)
+    done = 0
+    while done < calls:
+        msg = await ws.receive()
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                            aiohttp.WSMsgType.ERROR):
+                raise ConnectionError(f"socket closed after {done} of {calls} replies")
+            continue
+        if not msg.data.startswith(RESULT_STARTS):
+            if '"error"' in msg.data[:40]:
+                raise RuntimeError(f"uuid failed: {msg.data[:200]}")
+            continue  # a broadcast
+        done += 1
+        if sent < calls:
+            await ws.send_str(PIPE_COMMAND % sent)
+            sent += 1
+
+
+@figure("pipeline", "pipelined `uuid` throughput: 1 and 8 clients, 64 commands in flight each")
+async def pipeline(bench: Bench, cfg, out: Recorder):
+    socks: Dict[str, List] = {}
+    most = max(cfg.pipe_clients)
+    for side, w in bench.workers.items():
+        socks[side] = [
+            await w.session.ws_connect(w.http_base.replace("http", "ws") + "/", max_msg_size=0)
+            for _ in range(most)
+        ]
+        for ws in socks[side]:  # each speaks once, like the bench's main client
+            await _pipelined(ws, 1, 1)
+    try:
+        for w in bench.order(0):  # warm-up, not measured
+            await asyncio.gather(
+                *(_pipelined(ws, cfg.pipe_warmup, cfg.pipe_depth) for ws in socks[w.side])
+            )
+        goals = {1: 1.5, 8: 1.3}
+        for n_clients in cfg.pipe_clients:
+            per_client = cfg.pipe_calls // n_clients
+            calls = per_client * n_clients
+
+            async def measure(w: Worker, r: int) -> Dict[str, float]:
+                cpu0, own0 = w.cpu(), time.process_time()
+                t0 = time.perf_counter()
+                await asyncio.gather(
+                    *(_pipelined(ws, per_client, cfg.pipe_depth) for ws in socks[w.side][:n_clients])
+                )
+                seconds = time.perf_counter() - t0
+                return {
+                    "calls": calls,
+                    "seconds": seconds,
+                    "calls_per_s": calls / seconds,
+                    "cpu_seconds": w.cpu() - cpu0,
+                    "bench_cpu_seconds": time.process_time() - own0,
+                }
+
+            results = await bench.alternate(cfg.pipe_rounds, measure)
+            noun = "client" if n_clients == 1 else "clients"
+            label = f"uuid pipelined, {n_clients} {noun} x {cfg.pipe_depth} in flight"
+            out.raw[label] = results
+            out.add(
+                f"{label}: calls/s ({calls} calls)", "1/s",
+                per_side(results, median_of("calls_per_s")), "higher",
+                target=ratio_at_least(goals[n_clients]) if n_clients in goals else None,
+            )
+            out.add(
+                f"{label}: worker CPU per call", "us",
+                per_side(results, lambda rs: statistics.median(
+                    r["cpu_seconds"] / r["calls"] for r in rs) * 1e6),
+                "lower",
+            )
+            # The bench's own CPU share: near 100 % would mean the client is the limit.
+            out.raw[label + ": bench process CPU %"] = per_side(
+                results, lambda rs: [round(100 * r["bench_cpu_seconds"] / r["seconds"], 1)
+                                     for r in rs]
+            )
+    finally:
+        for side_socks in socks.values():
+            for ws in side_socks:
+                await ws.close()
+
+
+# -- 5. a chain of nodes ------------------------------------------------------------------
+def decode_preview(header: Dict[str, str], payload: bytes):
+    """The value of a binary ``io_value`` preview (funcnodes-core's ByteEncoder)."""
+    mime = header.get("mime", "")
+    if mime.startswith("application/fn.struct."):
+        return struct.unpack(mime[len("application/fn.struct."):], payload)[0]
+    if mime.startswith("application/json"):
+        return json.loads(payload)
+    return payload
+
+
+async def build_chain(w: Worker, n: int, after: Optional[str] = None) -> List[str]:
+    """``n`` ``add_node`` nodes with ``b`` defaulting to 1, each ``out`` wired to the
+    next one's ``a`` (the first one's ``a`` to ``after``'s ``out`` if given)."""
+    c = w.client
+    nodes = await asyncio.gather(*(c.call("add_node", id="add_node") for _ in range(n)))
+    ids = [node["id"] for node in nodes]
+    await asyncio.gather(
+        *(c.call("set_default_value", nid=nid, ioid="b", value=1) for nid in ids)
+    )
+    chain = ([after] if after else []) + ids
+    await asyncio.gather(*(
+        c.call("add_edge", src_nid=a, src_ioid="out", trg_nid=b, trg_ioid="a")
+        for a, b in zip(chain, chain[1:])
+    ))
+    return ids
+
+
+async def run_chain(w: Worker, clients: List, first: str, last: str, value: float,
+                    expected: float, timeout: float = 60.0) -> Dict[str, float]:
+    """Set ``first.a`` to ``value``; seconds until ``clients[0]`` and until every
+    client got ``last.out`` == ``expected`` as a binary value preview."""
+    loop = asyncio.get_running_loop()
+    watches = []
+    for c in clients:
+        arrived = loop.create_future()
+
+        def watcher(header, payload, now, arrived=arrived):
+            if arrived.done() or header.get("node") != last or header.get("io") != "out":
+                return
+            try:
+                if decode_preview(header, payload) == expected:
+                    arrived.set_result(now)
+            except Exception:
+                pass
+
+        c.binary_watchers.append(watcher)
+        watches.append((c, watcher, arrived))
+    try:
+        t0 = time.perf_counter()
+        reply = asyncio.ensure_future(w.client.call("set_io_value", nid=first, ioid="a",
+                                                    value=value))
+        times = await asyncio.wait_for(asyncio.gather(*(a for _, _, a in watches)), timeout)
+        await reply
+    finally:
+        for c, watcher, _ in watches:
+            c.binary_watchers.remove(watcher)
+    return {"first": times[0] - t0, "all": max(times) - t0}
+
+
+async def _chain_figure(bench: Bench, cfg, out: Recorder, delay_label: str, goals):
+    n = cfg.chain_nodes
+    await asyncio.sleep(cfg.settle)
+    rss_start = {side: w.rss() for side, w in bench.workers.items()}
+    chains = {}
+    for w in bench.order(0):
+        chains[w.side] = await build_chain(w, n)
+    # one unmeasured round each (first trigger of every node)
+    for w in bench.order(0):
+        ids = chains[w.side]
+        await run_chain(w, [w.client], ids[0], ids[-1], 0.5, 0.5 + n)
+    extra: Dict[str, List] = {}
+    try:
+        for n_clients in (1, cfg.chain_clients):
+            if n_clients > 1:
+                for side, w in bench.workers.items():
+                    extra[side] = await w.connect_listening(n_clients - 1)
+
+            async def measure(w: Worker, r: int) -> Dict[str, float]:
+                ids = chains[w.side]
+                value = 1000.0 * (r + 1) + n_clients + 0.25  # a new value every round
+                clients = [w.client] + extra.get(w.side, [])
+                return await run_chain(w, clients, ids[0], ids[-1], value, value + n)
+
+            results = await bench.alternate(cfg.chain_rounds, measure)
+            noun = "client" if n_clients == 1 else "clients"
+            label = f"{n}-node chain, {delay_label}, {n_clients} {noun}"
+            out.raw[label] = results
+            key = "first" if n_clients == 1 else "all"
+            out.add(
+                f"{label}: to the last value" + ("" if n_clients == 1 else " at all"), "ms",
+                per_side(results, lambda rs: statistics.median(r[key] for r in rs) * 1e3),
+                "lower", target=ratio_at_most(goals[n_clients > 1]),
+            )
+    finally:
+        for clients in extra.values():
+            for c in clients:
+                await c.close()
+    await asyncio.sleep(cfg.settle)
+    out.add(f"RSS at idle after startup ({delay_label} workers)", "MB",
+            {s: mb(v) for s, v in rss_start.items()})
+    out.add(f"RSS after the chain rounds ({delay_label})", "MB",
+            {s: mb(w.rss()) for s, w in bench.workers.items()}, "lower")
+
+
+#: funcnodes-core reads FUNCNODES_DEFAULT_PRETRIGGER_DELAY (default 0.01 s) into its
+#: default config when imported; the workers' config folders are fresh, so the
+#: variable decides (``nodes.default_pretrigger_delay`` in config.json afterwards).
+DELAY_VAR = "FUNCNODES_DEFAULT_PRETRIGGER_DELAY"
+
+
+@figure("chain", "50 add_node nodes in a chain, default pretrigger delay: 1 and 20 clients",
+        env={DELAY_VAR: None})
+async def chain(bench: Bench, cfg, out: Recorder):
+    # At the default delay every node sleeps 10 ms first: 50 nodes >= 0.5 s on both.
+    await _chain_figure(bench, cfg, out, "default delay", {False: 1.0, True: 0.5})
+
+
+@figure("chain0", "50 add_node nodes in a chain, pretrigger delay 0: 1 and 20 clients",
+        env={DELAY_VAR: "0"})
+async def chain0(bench: Bench, cfg, out: Recorder):
+    await _chain_figure(bench, cfg, out, "delay 0", {False: 0.5, True: 0.5})
+
+
+# -- 6. full_state ----------------------------------------------------------------------
+@figure("full_state", "`full_state` round trip with a 50- and a 200-node graph")
+async def full_state(bench: Bench, cfg, out: Recorder):
+    chains: Dict[str, List[str]] = {side: [] for side in SIDES}
+    for size in cfg.state_nodes:
+        for w in bench.order(0):
+            ids = chains[w.side]
+            ids += await build_chain(w, size - len(ids), ids[-1] if ids else None)
+            # one value through the chain, so every IO has a value to describe
+            value = float(size) + 0.5
+            await run_chain(w, [w.client], ids[0], ids[-1], value, value + len(ids), timeout=120)
+        for w in bench.order(0):  # warm-up
+            await w.client.call_auto("full_state")
+
+        async def measure(w: Worker, r: int) -> Dict[str, Any]:
+            reply = await w.client.call_auto("full_state")
+            nodes = len(reply["result"]["backend"]["nodes"])
+            if nodes != size:
+                raise RuntimeError(f"{w.title}: full_state has {nodes} nodes, expected {size}")
+            return {"seconds": reply["seconds"], "bytes": reply["bytes"], "large": reply["large"]}
+
+        results = await bench.alternate(cfg.state_calls, measure)
+        label = f"full_state, {size} nodes"
+        out.raw[label] = results
+        out.add(
+            f"{label}: round trip (median of {cfg.state_calls})", "ms",
+            per_side(results, lambda rs: statistics.median(r["seconds"] for r in rs) * 1e3),
+            "lower", target=ratio_at_most(0.2),
+        )
+        out.add(f"{label}: reply size", "kB", per_side(results, lambda rs: rs[-1]["bytes"] / 1e3))
+
+
+# -- 7. idle CPU ------------------------------------------------------------------------
+async def _idle_cpu(bench: Bench, seconds: float) -> Dict[str, Dict[str, float]]:
+    """Both workers' CPU (% of one core) over the same ``seconds``: from /proc/<pid>/stat
+    (``stat``, 10 ms ticks) and from the threads' schedstat (``sched``, ns)."""
+    workers = bench.workers
+    before = {s: (w.cpu(), sched_seconds(w.pid)) for s, w in workers.items()}
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    elapsed = time.perf_counter() - t0
+    after = {s: (w.cpu(), sched_seconds(w.pid)) for s, w in workers.items()}
+    return {
+        s: {
+            "stat": 100 * (after[s][0] - before[s][0]) / elapsed,
+            "sched": 100 * (after[s][1] - before[s][1]) / elapsed,
+            "seconds": elapsed,
+        }
+        for s in workers
+    }
+
+
+async def _pinger(client, offset: float, period: float):
+    """Ping every ``period`` s from ``offset`` on, on a fixed schedule like the UI."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + offset
+    k = 0
+    while True:
+        await asyncio.sleep(max(0.0, start + k * period - loop.time()))
+        await client.ping()
+        k += 1
+
+
+@figure("idle", "idle CPU with 0 and 20 connected clients (with and without UI pings)")
+async def idle(bench: Bench, cfg, out: Recorder):
+    n = cfg.idle_clients
+    period = 2.0
+    phases: Dict[str, Dict] = {}
+    for w in bench.workers.values():
+        await w.client.close()
+        w.client = None
+    rest = cfg.settle if cfg.quick else cfg.settle + 1.0
+    await asyncio.sleep(rest)
+    phases["0 clients"] = await _idle_cpu(bench, cfg.idle_seconds)
+    clients = {side: await w.connect_listening(n) for side, w in bench.workers.items()}
+    pingers = []
+    try:
+        await asyncio.sleep(rest)
+        phases[f"{n} clients, no pings"] = await _idle_cpu(bench, cfg.idle_seconds)
+        for side_clients in clients.values():
+            for i, c in enumerate(side_clients):
+                pingers.append(asyncio.ensure_future(_pinger(c, period * i / n, period)))
+        await asyncio.sleep(rest if cfg.quick else period)
+        pongs0 = {s: sum(c.pongs for c in cs) for s, cs in clients.items()}
+        phases[f"{n} clients pinging every {period:g} s"] = await _idle_cpu(bench, cfg.idle_seconds)
+        pongs = {s: sum(c.pongs for c in cs) - pongs0[s] for s, cs in clients.items()}
+    finally:
+        for task in pingers:
+            task.cancel()
+        for side_clients in clients.values():
+            for c in side_clients:
+                await c.close()
+    for phase, values in phases.items():
+        out.add(
+            f"idle CPU, {phase} ({cfg.idle_seconds:g} s)", "%",
+            {s: v["stat"] for s, v in values.items()}, "lower",
+            target=tw_at_most(0.2) if phase != "0 clients" else None,
+        )
+    out.raw["cpu_percent"] = phases
+    # The reference sends each pong to every client (it broadcasts it); ours to the sender.
+    out.raw["pongs_received_while_pinging"] = pongs

@@ -89,6 +89,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def sched_seconds(pid: int) -> float:
+    """CPU time of all threads of ``pid`` from ``/proc/<pid>/task/*/schedstat`` (ns
+    resolution; a cross-check of ``cpu_seconds``, whose 10 ms ticks are coarse for
+    idle figures). Threads that ended are not counted."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
 class RssSampler:
     """Sample ``VmRSS`` of some pids in a thread, every ``interval`` seconds.
 
@@ -134,6 +148,20 @@ class RssSampler:
 
 
 # -- the WebSocket client ---------------------------------------------------------------
+def parse_binary_frame(data: bytes) -> tuple:
+    """Split a binary frame (``chunk=1/1;msgid=..;node=..; io=..; ..\\r\\n\\r\\n<bytes>``,
+    both workers) into its header fields and payload."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return {}, data
+    header = {}
+    for part in data[:end].decode("utf-8", "replace").split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep:
+            header[key] = value
+    return header, data[end + 4:]
+
+
 class CommandError(Exception):
     """The worker answered a command with an ``error`` message."""
 
@@ -150,12 +178,24 @@ class Client:
         self.ws = ws
         self.pending: Dict[str, asyncio.Future] = {}
         self.hints: asyncio.Queue = asyncio.Queue()
+        #: Called with ``(header, payload, arrival_time)`` for every binary frame.
+        self.binary_watchers: List[Callable[[Dict[str, str], bytes, float], None]] = []
+        self.pongs = 0
+        #: Size of each plain reply, by message id (read by ``call_auto``).
+        self.reply_bytes: Dict[str, int] = {}
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self):
         async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                if self.binary_watchers:
+                    now = time.perf_counter()
+                    header, payload = parse_binary_frame(msg.data)
+                    for watcher in list(self.binary_watchers):
+                        watcher(header, payload, now)
+                continue
             if msg.type != aiohttp.WSMsgType.TEXT:
-                continue  # binary io_value previews and results we do not ask for
+                continue
             try:
                 data = json.loads(msg.data)
             except ValueError:
@@ -163,12 +203,16 @@ class Client:
             if not isinstance(data, dict):
                 continue
             kind = data.get("type")
+            if kind == "pong":
+                self.pongs += 1
+                continue
             if kind == "large_message":
                 self.hints.put_nowait(data)
                 continue
             future = self.pending.pop(data.get("id"), None) if kind in ("result", "error") else None
             if future is None or future.done():
                 continue
+            self.reply_bytes[data.get("id")] = len(msg.data)
             if kind == "result":
                 future.set_result(data.get("result"))
             else:
@@ -191,6 +235,46 @@ class Client:
             return await asyncio.wait_for(future, timeout)
         finally:
             self.pending.pop(msg_id, None)
+            self.reply_bytes.pop(msg_id, None)
+
+    async def ping(self):
+        """What the UI sends every 2 s (``{"type": "ping"}``)."""
+        await self.ws.send_str('{"type": "ping"}')
+
+    async def call_auto(self, cmd: str, timeout: float = 60.0, **kwargs) -> Dict[str, Any]:
+        """Send ``cmd``; the reply comes as a plain result or, when too big for a
+        frame, as a ``large_message`` hint that is fetched. Returns the result,
+        the reply's size in bytes, whether it was large and the seconds taken."""
+        self.drain_hints()
+        msg_id, future, text = self._send(cmd, kwargs)
+        marker = json.dumps(msg_id).encode()
+        t0 = time.perf_counter()
+        await self.ws.send_str(text)
+        deadline = t0 + timeout
+        try:
+            while True:
+                getter = asyncio.ensure_future(self.hints.get())
+                done, _ = await asyncio.wait(
+                    {getter, future}, timeout=max(deadline - time.perf_counter(), 0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if future in done:
+                    getter.cancel()
+                    result = future.result()
+                    seconds = time.perf_counter() - t0
+                    return {"result": result, "seconds": seconds, "large": False,
+                            "bytes": self.reply_bytes.pop(msg_id, 0)}
+                if getter not in done:
+                    getter.cancel()
+                    raise TimeoutError(f"{self.worker.title}: no reply to {cmd} in time")
+                body = await self.worker.get(f"/message/{getter.result()['msg_id']}")
+                if marker in body[-200:]:
+                    seconds = time.perf_counter() - t0
+                    return {"result": json.loads(body).get("result"), "seconds": seconds,
+                            "large": True, "bytes": len(body)}
+        finally:
+            self.pending.pop(msg_id, None)
+            self.reply_bytes.pop(msg_id, None)
 
     def drain_hints(self) -> int:
         """Forget ``large_message`` hints received so far (e.g. broadcasts); their count."""
@@ -222,6 +306,7 @@ class Client:
             t1 = time.perf_counter()
         finally:
             self.pending.pop(msg_id, None)
+            self.reply_bytes.pop(msg_id, None)
         return {"seconds": t1 - t0, "hint_seconds": t_hint - t0, "bytes": len(body)}
 
     async def _next_hint(self, future: asyncio.Future, timeout: float) -> dict:
@@ -337,6 +422,19 @@ class Worker:
         )
         return Client(self, ws)
 
+    async def connect_listening(self, n: int) -> List[Client]:
+        """``n`` more clients, each of which sent a ``uuid`` (so both workers send
+        them broadcasts, like a UI that is open)."""
+        clients = list(await asyncio.gather(*(self.connect() for _ in range(n))))
+        await asyncio.gather(*(c.call("uuid") for c in clients))
+        return clients
+
+    async def ensure_client(self):
+        """(Re)connect the bench's main client if a figure closed it."""
+        if self.client is None or self.client.ws.closed:
+            self.client = await self.connect()
+            await self.client.call("uuid")
+
     async def start(self):
         self.spawn()
         await self.wait_listening()
@@ -430,6 +528,19 @@ class Bench:
     def kill(self):
         for w in self.workers.values():
             w.kill()
+
+    async def reset(self):
+        """Make workers a previous figure used fit for the next one (``--quick``
+        shares them): main client connected, node space cleared, no files."""
+        for w in self.workers.values():
+            await w.ensure_client()
+            await w.client.call("clear")
+            if w.files_dir.is_dir():
+                for entry in w.files_dir.iterdir():
+                    if entry.is_file():
+                        entry.unlink()
+            await asyncio.sleep(0.1)
+            w.client.drain_hints()
 
     def order(self, round_no: int) -> List[Worker]:
         """Both workers, the first one alternating with the round number."""

@@ -14,7 +14,9 @@ from typing import Any, Dict, List, Optional, TextIO
 from bench.figures import Recorder, Row
 from bench.harness import ROOT, SIDES, TITLES
 
-HEADER = ["figure", TITLES["tw"], TITLES["ref"], "ratio (tw/ref)", "better"]
+HEADER = ["figure", TITLES["tw"], TITLES["ref"], "ratio (tw/ref)", "better", "target", "met"]
+#: Columns right-aligned in the text table (the numbers).
+RIGHT = {1, 2, 3}
 
 
 def number(value: Optional[float]) -> str:
@@ -27,10 +29,17 @@ def number(value: Optional[float]) -> str:
     return f"{value:.2f}"
 
 
+def met_text(row: Row) -> str:
+    met = row.met
+    if row.target is None:
+        return ""
+    return "-" if met is None else ("yes" if met else "no")
+
+
 def cells(row: Row) -> List[str]:
     values = [f"{number(row.values.get(side))} {row.unit}" for side in SIDES]
     ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
-    return [row.label, *values, ratio, row.better or ""]
+    return [row.label, *values, ratio, row.better or "", row.target_text or "", met_text(row)]
 
 
 def write_table(recorders: List[Recorder], stream: TextIO) -> None:
@@ -39,7 +48,7 @@ def write_table(recorders: List[Recorder], stream: TextIO) -> None:
     for rec in recorders:
         lines.append(None)
         if rec.error:
-            lines.append([f"{rec.name}: FAILED ({rec.error})", "", "", "", ""])
+            lines.append([f"{rec.name}: FAILED ({rec.error})"] + [""] * (len(HEADER) - 1))
         for row in rec.rows:
             lines.append(cells(row))
     widths = [max(len(line[i]) for line in lines if line) for i in range(len(HEADER))]
@@ -48,10 +57,24 @@ def write_table(recorders: List[Recorder], stream: TextIO) -> None:
         if line is None:
             stream.write(rule + "\n")
             continue
-        text = [line[0].ljust(widths[0])]
-        text += [cell.rjust(widths[i + 1]) for i, cell in enumerate(line[1:4])]
-        text.append(line[4].ljust(widths[4]))
+        text = [
+            cell.rjust(widths[i]) if i in RIGHT else cell.ljust(widths[i])
+            for i, cell in enumerate(line)
+        ]
         stream.write(" | ".join(text).rstrip() + "\n")
+    stream.flush()
+
+
+def write_markdown(recorders: List[Recorder], stream: TextIO) -> None:
+    """The same table in Markdown, a bold line per figure (as docs/benchmarks.md has it)."""
+    stream.write("| " + " | ".join(HEADER) + " |\n")
+    stream.write("|" + "|".join("---:" if i in RIGHT else "---" for i in range(len(HEADER))) + "|\n")
+    blank = " |" * (len(HEADER) - 1)
+    for rec in recorders:
+        title = f"**{rec.name}**" + (f" FAILED: {rec.error}" if rec.error else "")
+        stream.write(f"| {title} |{blank}\n")
+        for row in rec.rows:
+            stream.write("| " + " | ".join(c.replace("|", "\\|") for c in cells(row)) + " |\n")
     stream.flush()
 
 

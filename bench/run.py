@@ -1,7 +1,7 @@
 """Benchmark funcnodes_tw against the reference worker, side by side.
 
     .venv/bin/python -m bench                 # every figure, full sizes
-    .venv/bin/python -m bench --quick         # tiny sizes, a smoke run (< 30 s)
+    .venv/bin/python -m bench --quick         # tiny sizes, a smoke run (< 40 s)
     .venv/bin/python -m bench --only upload --big --json results.json
 
 Each figure starts both workers afresh (same environment, own config and data
@@ -29,12 +29,14 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 from bench.figures import FIGURES, Recorder  # noqa: E402
 from bench.harness import Bench, kill_all  # noqa: E402
-from bench.report import git_state, results_document, write_json, write_table  # noqa: E402
+from bench.report import (  # noqa: E402
+    git_state, results_document, write_json, write_markdown, write_table,
+)
 
 
 @dataclasses.dataclass
 class Config:
-    upload_mb: int = 200
+    upload_sizes: tuple = (100, 200)  # MB; the goals are for the first
     upload_rounds: int = 3
     big: bool = False
     big_upload_mb: int = 1000
@@ -46,6 +48,19 @@ class Config:
     rpc_calls: int = 1000
     rpc_rounds: int = 4
     rpc_warmup: int = 100
+    pipe_calls: int = 20_000  # replies per round, shared by the clients
+    pipe_depth: int = 64  # commands in flight per client
+    pipe_clients: tuple = (1, 8)
+    pipe_rounds: int = 3
+    pipe_warmup: int = 500  # per client
+    chain_nodes: int = 50
+    chain_clients: int = 20
+    chain_rounds: int = 7
+    state_nodes: tuple = (50, 200)
+    state_calls: int = 21
+    idle_seconds: float = 10.0
+    idle_clients: int = 20
+    share_workers: bool = False
     settle: float = 1.0
     sample_interval: float = 0.02
     quick: bool = False
@@ -54,16 +69,22 @@ class Config:
 
     @classmethod
     def from_args(cls, args) -> "Config":
-        cfg = cls(big=args.big, quick=args.quick, full=args.full)
+        cfg = cls(big=args.big, quick=args.quick, full=args.full,
+                  share_workers=args.quick or args.share_workers)
         cfg.worker_env = dict(item.split("=", 1) for item in args.env)
         if args.full:
             # 60 s: the goal; 75 s: after the reference's 60-65 s message expiry.
             cfg.large_waits = (60.0, 75.0)
+            cfg.idle_seconds = 30.0
         if args.quick:
-            cfg.upload_mb, cfg.upload_rounds, cfg.big_upload_mb = 5, 1, 20
+            cfg.upload_sizes, cfg.upload_rounds, cfg.big_upload_mb = (5,), 1, 20
             cfg.large_mb, cfg.large_fetches, cfg.large2_mb, cfg.large2_fetches = 2, 3, 3, 1
             cfg.large_waits = (1.0,)
             cfg.rpc_calls, cfg.rpc_rounds, cfg.rpc_warmup = 100, 2, 10
+            cfg.pipe_calls, cfg.pipe_rounds, cfg.pipe_warmup = 2000, 1, 50
+            cfg.chain_nodes, cfg.chain_clients, cfg.chain_rounds = 10, 4, 2
+            cfg.state_nodes, cfg.state_calls = (10, 30), 3
+            cfg.idle_seconds, cfg.idle_clients = 2.0, 4
             cfg.settle = 0.2
         return cfg
 
@@ -74,10 +95,11 @@ def parse_args(argv=None):
         prog="python -m bench",
         description="Benchmark funcnodes_tw against the reference worker (funcnodes-worker 1.6.0).",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in < 30 s")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and shared workers: a smoke run in < 40 s")
     parser.add_argument(
         "--full", action="store_true",
-        help="watch RSS 60 s and 75 s (not 10 s) after the large-message fetches",
+        help="watch RSS 60 s and 75 s (not 10 s) after the large-message fetches; "
+             "idle CPU over 30 s (not 10 s)",
     )
     parser.add_argument("--big", action="store_true", help="also upload a 1 GB file")
     parser.add_argument(
@@ -85,6 +107,14 @@ def parse_args(argv=None):
         help=f"run only this figure (repeatable or comma-separated): {', '.join(names)}",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument(
+        "--markdown", metavar="PATH", help="also write the table as Markdown here (for docs)"
+    )
+    parser.add_argument(
+        "--share-workers", action="store_true",
+        help="one pair of workers for consecutive figures with the same environment "
+             "(cleared between figures; implied by --quick)",
+    )
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",
         help="set an environment variable for both workers (repeatable), e.g. MALLOC_ARENA_MAX=2",
@@ -104,25 +134,66 @@ def parse_args(argv=None):
     return args
 
 
+def figure_env(fig, cfg: Config) -> dict:
+    """The workers' environment for ``fig``: ours, ``--env``, then the figure's own."""
+    env = {**os.environ, **cfg.worker_env}
+    for name, value in fig.env.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
 async def run_figures(selected, cfg: Config, run_dir: Path, log) -> list:
+    """Run each figure with two fresh workers; with ``share_workers`` consecutive
+    figures with the same environment use the same pair (``Bench.reset`` between)."""
     recorders = []
-    for fig in selected:
-        rec = Recorder(fig.name, fig.title)
-        log(f"[bench] {fig.name}: {fig.title} ...")
-        bench = Bench(run_dir, cfg, env={**os.environ, **cfg.worker_env})
-        t0 = time.perf_counter()
-        try:
-            await bench.start(fig.name)
-            await fig.run(bench, cfg, rec)
-        except Exception as exc:  # one failed figure does not stop the others
-            rec.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            log(traceback.format_exc())
-        finally:
+    bench = None
+    envs = {fig.name: figure_env(fig, cfg) for fig in selected}
+    order = list(selected)
+    if cfg.share_workers:
+        # Figures with the same environment one after another (fewer worker starts);
+        # the results keep the figures' own order.
+        keys = []
+        for fig in selected:
+            key = sorted(envs[fig.name].items())
+            if key not in keys:
+                keys.append(key)
+        order.sort(key=lambda fig: keys.index(sorted(envs[fig.name].items())))
+    try:
+        for fig in order:
+            rec = Recorder(fig.name, fig.title)
+            log(f"[bench] {fig.name}: {fig.title} ...")
+            env = envs[fig.name]
+            if bench is not None and (not cfg.share_workers or bench.env != env):
+                await bench.stop()
+                bench = None
+            t0 = time.perf_counter()
+            try:
+                if bench is None:
+                    bench = Bench(run_dir, cfg, env=env)
+                    await bench.start(fig.name)
+                else:
+                    await bench.reset()
+                await fig.run(bench, cfg, rec)
+            except Exception as exc:  # one failed figure does not stop the others
+                rec.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                log(traceback.format_exc())
+                if bench is not None:
+                    await bench.stop()
+                    bench = None
+            if not cfg.share_workers and bench is not None:
+                await bench.stop()
+                bench = None
+            rec.seconds = time.perf_counter() - t0
+            log(f"[bench] {fig.name}: {rec.seconds:.1f} s")
+            recorders.append(rec)
+    finally:
+        if bench is not None:
             await bench.stop()
-        rec.seconds = time.perf_counter() - t0
-        log(f"[bench] {fig.name}: {rec.seconds:.1f} s")
-        recorders.append(rec)
-    return recorders
+    position = {fig.name: i for i, fig in enumerate(selected)}
+    return sorted(recorders, key=lambda rec: position[rec.name])
 
 
 def log(text: str) -> None:
@@ -174,6 +245,10 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} CPUs, load {load} at start{', ' + code if code else ''})\n\n"
     )
     write_table(recorders, sys.stdout)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            write_markdown(recorders, f)
+        log(f"[bench] Markdown table written to {args.markdown}")
     if args.json:
         document = results_document(recorders, dataclasses.asdict(cfg), started)
         document["machine"]["loadavg_at_start"] = list(load_before)

@@ -1,5 +1,5 @@
 """
-Who may talk to the worker from a web page.
+Who may talk to the worker: web pages by origin, and anyone by token.
 
 Browsers send an C{Origin} header with WebSocket handshakes and cross-site
 HTTP requests; without a check, any page a user visits could drive a local
@@ -10,6 +10,7 @@ elsewhere accepts none but its own. C{*} allows every origin, and only
 when configured explicitly.
 """
 
+import hmac
 import ipaddress
 from urllib.parse import urlsplit
 
@@ -102,3 +103,73 @@ class Cors(resource.Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"Origin not allowed"
         return self.wrapped.render(request)
+
+
+TOKEN_COOKIE = b"funcnodes_token"
+
+
+def presented_tokens(request):
+    """
+    Tokens a request carries: C{?token=} (up to a C{/}, see L{split_token}),
+    C{Authorization: Bearer}, or the cookie set when a C{?token=} was accepted.
+    """
+    tokens = [split_token(value)[0] for value in request.args.get(b"token", [])]
+    authorization = request.getHeader(b"authorization") or b""
+    scheme, _, credentials = authorization.partition(b" ")
+    if scheme.lower() == b"bearer":
+        tokens.append(credentials.strip())
+    cookie = request.getCookie(TOKEN_COOKIE)
+    if cookie:
+        tokens.append(cookie)
+    return tokens
+
+
+def split_token(value):
+    """
+    The UI appends its HTTP paths to the worker URL it was given, query and
+    all: with C{ws://host/?token=T} it asks for C{/?token=T/message/<id>}.
+    Split such a value into the token and the path meant.
+    """
+    token, _, path = value.partition(b"/")
+    return token, path
+
+
+class TokenGuard(resource.Resource):
+    """
+    Refuse (401) every request, WebSocket handshakes included, that does not
+    carry the worker's token.
+    """
+
+    def __init__(self, wrapped, token):
+        super().__init__()
+        self.wrapped = wrapped
+        self.token = token.encode("utf-8")
+
+    def _allowed(self, request):
+        if not any(hmac.compare_digest(t, self.token) for t in presented_tokens(request)):
+            return False
+        if request.args.get(b"token") and request.getCookie(TOKEN_COOKIE) != self.token:
+            request.addCookie(
+                TOKEN_COOKIE, self.token, path=b"/", httpOnly=True, sameSite="strict"
+            )
+        return True
+
+    def getChildWithDefault(self, path, request):
+        if not self._allowed(request):
+            return _Unauthorized()
+        return self.wrapped.getChildWithDefault(path, request)
+
+    def render(self, request):
+        if not self._allowed(request):
+            return _Unauthorized().render(request)
+        return self.wrapped.render(request)
+
+
+class _Unauthorized(resource.Resource):
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(401)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"www-authenticate", b'Bearer realm="funcnodes"')
+        return b"A valid token is required"

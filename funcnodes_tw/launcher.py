@@ -26,7 +26,7 @@ def main(argv=None):
         sys.stderr.write(f"Usage: funcnodes-tw {options}\nfuncnodes-tw: {exc}\n")
         return 2
 
-    stdout = filtered(textFileLogObserver(sys.stdout), LEVELS[options["log-level"]])
+    stdout = filtered(textFileLogObserver(sys.stdout), LEVELS[options.settings.log_level])
     globalLogBeginner.beginLoggingTo([stdout], redirectStandardIO=False)
     service = IService(makeService(options, reactor))
     try:

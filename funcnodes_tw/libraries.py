@@ -21,6 +21,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from funcnodes_core._setup import AVAILABLE_MODULES, setup, setup_module
+from funcnodes_core.node import REGISTERED_NODES
 from funcnodes_core.utils.plugins_types import InstalledModule
 
 _log = Logger()
@@ -106,15 +107,224 @@ def register_ui_plugin(module):
         funcnodes_react_flow.FUNCNODES_REACT_PLUGIN[str(imported)] = plugin
 
 
-def describe(module):
+NO_DESCRIPTION = "No description available"
+
+
+def describe(module, listed=None):
     """
-    The C{get_available_modules} entry for an installed module.
+    The C{get_available_modules} entry for an installed module, completed
+    by its row of the module list, if any.
     """
+    listed = listed or {}
+    version = module.version or listed.get("version") or "latest"
+    releases = list(listed.get("releases") or [])
+    if module.version and module.version not in releases:
+        releases.append(module.version)
     return {
         "name": package_name(module),
-        "description": module.description or "No description available",
-        "version": module.version or "latest",
-        "homepage": "",
-        "source": "",
-        "releases": [module.version] if module.version else [],
+        "description": module.description or listed.get("description") or NO_DESCRIPTION,
+        "version": version,
+        "homepage": listed.get("homepage") or "",
+        "source": listed.get("source") or "",
+        "releases": releases,
     }
+
+
+def describe_listed(listed):
+    """
+    The C{get_available_modules} entry for a listed, not installed package.
+    """
+    return {
+        "name": listed["package_name"],
+        "description": listed.get("description") or listed.get("summary") or NO_DESCRIPTION,
+        "version": listed.get("version") or "latest",
+        "homepage": listed.get("homepage") or "",
+        "source": listed.get("source") or "",
+        "releases": list(listed.get("releases") or []),
+    }
+
+
+# region module list
+
+#: The columns of the reference's C{funcnodes_modules.csv} we pass on.
+LISTED_FIELDS = (
+    "package_name",
+    "version",
+    "description",
+    "entry_point__module",
+    "entry_point__shelf",
+    "entry_point__external_worker",
+    "last_updated",
+    "homepage",
+    "source",
+    "summary",
+)
+
+
+def canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def parse_module_list(text):
+    """
+    The rows of a module list CSV by canonical package name.
+
+    Releases are one comma-separated cell; rows without a package name or
+    with one pip would refuse are skipped.
+    """
+    rows = {}
+    for row in csv.DictReader(text.splitlines()):
+        name = (row.get("package_name") or "").strip()
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?", name):
+            continue
+        entry = {key: (row.get(key) or "").strip() or None for key in LISTED_FIELDS}
+        entry["package_name"] = name
+        entry["releases"] = [v.strip() for v in (row.get("releases") or "").split(",") if v.strip()]
+        rows[canonical(name)] = entry
+    return rows
+
+
+_LISTED = {"key": None, "rows": {}}
+
+
+def read_module_list(path):
+    """
+    The cached module list (parsed again only when the file changed); empty
+    when there is none or it is unreadable.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return {}
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if _LISTED["key"] != key:
+        try:
+            rows = parse_module_list(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            _log.warn("Ignoring unreadable module list {path}: {exc}", path=path, exc=exc)
+            rows = {}
+        _LISTED.update(key=key, rows=rows)
+    return _LISTED["rows"]
+
+
+def available_modules(listed, active_names):
+    """
+    C{get_available_modules}' answer: installed modules and listed packages,
+    split into active (C{active_names}, any spelling), installed and available.
+    """
+    active_names = {canonical(n) for n in active_names}
+    answer = {"installed": [], "active": [], "available": []}
+    seen = set()
+    for module in installed_modules().values():
+        key = canonical(package_name(module))
+        if key in seen:
+            continue
+        seen.add(key)
+        entry = describe(module, listed.get(key))
+        answer["active" if key in active_names else "installed"].append(entry)
+    for key, row in listed.items():
+        if key in seen:
+            continue
+        entry = describe_listed(row)
+        answer["active" if key in active_names else "available"].append(entry)
+    return answer
+
+
+def repos(listed):
+    """
+    The C{repos_update} payload: every known package in the reference's
+    C{AvailableRepo} JSON shape.
+    """
+    result = {}
+    modules = {canonical(package_name(m)): m for m in installed_modules().values()}
+    for key in list(modules) + [k for k in listed if k not in modules]:
+        row = listed.get(key) or {}
+        module = modules.get(key)
+        entry = {field: row.get(field) for field in LISTED_FIELDS}
+        name = row.get("package_name") or package_name(module)
+        entry.update(
+            package_name=name,
+            installed=module is not None,
+            version=(module.version if module is not None else None) or row.get("version") or "",
+            description=row.get("description") or "",
+            moduledata=module,
+            releases=list(row.get("releases") or []),
+        )
+        result[name] = entry
+    return result
+
+
+# endregion
+# region local scripts
+
+def script_module_name(folder, path):
+    """
+    A stable, unique module name for a script: the same file gets the same
+    name on every reload (funcnodes-core then accepts its node classes
+    again), two folders never share names.
+    """
+    tag = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:10]
+    parts = Path(path).relative_to(folder).with_suffix("").parts
+    dotted = ".".join(re.sub(r"\W", "_", part) or "_" for part in parts)
+    return f"_funcnodes_local_{tag}.{dotted}"
+
+
+def script_files(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.rglob("*.py")
+        if not any(part.startswith((".", "__pycache__")) for part in path.relative_to(folder).parts)
+    )
+
+
+def import_script(folder, path):
+    """
+    Import (again) one script as a fresh module; its exceptions propagate.
+    """
+    name = script_module_name(folder, path)
+    # The node classes of its previous import give way to the new ones,
+    # whatever the edit changed (funcnodes-core refuses a node id taken by
+    # another class).
+    for node_id, cls in list(REGISTERED_NODES.items()):
+        if getattr(cls, "__module__", None) == name:
+            REGISTERED_NODES.pop(node_id, None)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"Cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def import_scripts(folder):
+    """
+    Import every C{*.py} under C{folder}, which goes first on C{sys.path}
+    so that scripts can import their neighbours.
+
+    @return: C{(modules, failures)}: modules by relative path, and error
+        texts by relative path.
+    """
+    folder = Path(folder)
+    if folder.is_dir() and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    modules, failures = {}, {}
+    for path in script_files(folder):
+        relative = path.relative_to(folder).as_posix()
+        try:
+            modules[relative] = import_script(folder, path)
+        except Exception as exc:
+            _log.failure("Local script {path} failed", path=relative)
+            failures[relative] = f"{type(exc).__name__}: {exc}"
+    return modules, failures
+
+
+# endregion

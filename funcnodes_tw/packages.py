@@ -57,6 +57,8 @@ MODULE_LIST_URL = (
 MODULE_LIST_TIMEOUT = 10.0
 MODULE_LIST_MAX_AGE = 3600.0
 MODULE_LIST_MAX_BYTES = 4 * 1024 * 1024
+#: After a failed download, seconds before the next attempt.
+MODULE_LIST_RETRY = 300.0
 
 # PEP 508 names only: no options ("-r file"), paths or URLs reach pip's argv.
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
@@ -308,10 +310,13 @@ class Installer:
         refresh_discovery()
         current = installed_version(name)
         if current is None:
-            where = "" if runs_in(config) else f" (pip installed into {python}, which this worker does not run on)"
+            where = "" if runs_in(config) else f" (installed for {python}, not for this worker)"
             raise InstallError(f"{name} is not importable after pip finished{where}")
         if spec is not None and not spec.contains(current, prereleases=True):
             raise InstallError(f"{name} {current} does not match {spec} after pip finished")
+        if upgrade and name.replace("-", "_") in sys.modules:
+            _log.warn("{name} {version} installed; its old code stays loaded until a restart",
+                      name=name, version=current)
         return "upgraded" if upgrade else "installed"
 
     def upgrade(self, config, name, on_line=lambda line: None):
@@ -443,6 +448,7 @@ class ModuleListRefresh:
     def __init__(self):
         self.running = None
         self.listeners = []
+        self.failed_at = None
 
     def start(self, config, on_success, reactor=None):
         """
@@ -456,8 +462,11 @@ class ModuleListRefresh:
             return None
         path = module_list_path()
         age = module_list_age(path)
-        if self.running is None and age is not None and age < MODULE_LIST_MAX_AGE:
-            return None
+        if self.running is None:
+            if age is not None and age < MODULE_LIST_MAX_AGE:
+                return None
+            if self.failed_at is not None and time.monotonic() - self.failed_at < MODULE_LIST_RETRY:
+                return None
         self.listeners.append(on_success)
         if self.running is None:
             url = config.get("module_list_url") or MODULE_LIST_URL
@@ -473,8 +482,10 @@ class ModuleListRefresh:
             await deferToThread(store_module_list, path, text, url)
         except Exception as exc:
             _log.info("Module list refresh from {url} failed: {exc}", url=url, exc=exc)
+            self.failed_at = time.monotonic()
             listeners = []
         else:
+            self.failed_at = None
             listeners = self.listeners
         finally:
             self.running, self.listeners = None, []

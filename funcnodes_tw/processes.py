@@ -243,8 +243,12 @@ class Command(Child):
         while not self._lines:
             if self.reason is not None:
                 raise StopAsyncIteration
-            self._wanted = defer.Deferred()
-            await aio.as_future(self._wanted)
+            wanted = self._wanted = defer.Deferred()
+            try:
+                await aio.as_future(wanted)
+            finally:
+                if self._wanted is wanted:
+                    self._wanted = None
         line = self._lines.popleft()
         if self._paused and len(self._lines) < LOW_WATER:
             self._paused = False
@@ -328,7 +332,9 @@ class CommandNode(fn.Node):
     command = fn.NodeInput(id="command", type=str, description="argument list or command line")
     line = fn.NodeOutput(id="line", type=str, description="the latest line of standard output")
     stderr = fn.NodeOutput(id="stderr", type=str, description="the latest line of standard error")
-    returncode = fn.NodeOutput(id="returncode", type=int, description="exit status, -N for signal N")
+    returncode = fn.NodeOutput(
+        id="returncode", type=int, description="exit status, -N for signal N"
+    )
 
     async def func(self, command):
         async with run_command(command) as cmd:

@@ -17,10 +17,6 @@ from twisted.logger import Logger
 from funcnodes_tw import __version__, wire
 from funcnodes_tw.outbox import Outbox
 
-#: The reference's C{FUNCNODES_WS_WORKER_MAX_SIZE} default.
-DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
-#: How far a client may fall behind before it is cut off.
-DEFAULT_MAX_CLIENT_QUEUE = 32 * 1024 * 1024
 #: Close code for a client that fell too far behind (application range).
 CLOSE_TOO_SLOW = 4008
 
@@ -32,6 +28,9 @@ class WorkerProtocol(WebSocketServerProtocol):
     listening = False
 
     def onConnect(self, request):
+        limit = self.factory.max_connections
+        if limit and len(self.factory.hub.clients) >= limit:
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "Too many connections")
         origin = request.headers.get("origin")
         if not self.factory.origins.allows(origin, request.headers.get("host")):
             self._log.warn("Refused a WebSocket from origin {origin}", origin=origin)
@@ -125,7 +124,14 @@ def protocol_options(max_message_size, ping_interval=10, ping_timeout=20):
     }
 
 
-def make_factory(hub, dispatcher, options, origins, max_client_queue=DEFAULT_MAX_CLIENT_QUEUE):
+def make_factory(
+    hub,
+    dispatcher,
+    options,
+    origins,
+    max_client_queue,
+    max_connections=None,
+):
     factory = WebSocketServerFactory(server=f"funcnodes_tw/{__version__}")
     factory.protocol = WorkerProtocol
     factory.setProtocolOptions(**options)
@@ -133,4 +139,5 @@ def make_factory(hub, dispatcher, options, origins, max_client_queue=DEFAULT_MAX
     factory.dispatcher = dispatcher
     factory.origins = origins
     factory.max_client_queue = max_client_queue
+    factory.max_connections = max_connections
     return factory

@@ -19,7 +19,7 @@ from twisted.web import resource, server, static
 from twisted.web.server import NOT_DONE_YET
 
 from funcnodes_tw import uploads
-from funcnodes_tw.access import Cors
+from funcnodes_tw.access import Cors, TokenGuard, split_token
 
 _log = Logger()
 
@@ -37,12 +37,18 @@ class Front(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, websocket, ui):
+    def __init__(self, websocket, ui, root):
         super().__init__()
         self.websocket = websocket
         self.ui = ui
+        self.root = root
 
     def render(self, request):
+        for value in request.args.get(b"token", []):
+            _, path = split_token(value)
+            if path:  # the UI's C{/?token=T/message/<id>}: serve C{/message/<id>}
+                request.postpath = path.split(b"/")
+                return resource.getChildForRequest(self.root, request).render(request)
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if upgrade == b"websocket" or self.ui is None or request.method != b"GET":
             return self.websocket.render(request)
@@ -244,14 +250,17 @@ def make_site(resource, max_body=None):
     return site
 
 
-def make_root(worker, factory, store, dispatcher, origins):
+def make_root(worker, factory, store, dispatcher, origins, token=None):
+    """
+    The worker's resource tree; with a C{token}, every request must carry it.
+    """
     ui = ui_directory()
     root = resource.Resource()
-    root.putChild(b"", Front(WebSocketResource(factory), ui))
+    root.putChild(b"", Front(WebSocketResource(factory), ui, root))
     root.putChild(b"message", Cors(Message(store, dispatcher), origins))
     root.putChild(b"worker", WorkerInfo(worker))
     root.putChild(b"upload", Cors(Upload(worker), origins, b"POST, OPTIONS"))
     if ui is not None:
         root.putChild(b"static", ui_resource(ui))
-    return root
+    return TokenGuard(root, token) if token else root
 

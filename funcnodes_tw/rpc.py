@@ -12,10 +12,20 @@ from funcnodes_tw import commands, wire
 _log = Logger()
 
 
+class CommandTimeout(Exception):
+    pass
+
+
 class Dispatcher:
-    def __init__(self, worker, hub):
+    def __init__(self, worker, hub, timeout=None):
+        """
+        @param timeout: seconds after which a command that has not finished
+            gets an error reply (and is cancelled), so that one runaway
+            command cannot block its connection for good.
+        """
         self.worker = worker
         self.hub = hub
+        self.timeout = timeout
 
     def parse(self, client, payload):
         """
@@ -51,6 +61,8 @@ class Dispatcher:
         except Exception as exc:
             self._error(client, exc, msgid)
             return None
+        if self.timeout and not d.called:
+            d.addTimeout(self.timeout, self.worker.clock, _timed_out(message["cmd"], self.timeout))
         d.addCallback(self._reply, client, msgid, message.get("as_bytes"))
         d.addErrback(lambda failure: self._error(client, failure.value, msgid))
         return d
@@ -66,3 +78,10 @@ class Dispatcher:
     def _error(self, client, exc, msgid):
         _log.info("Command {id!r} failed: {error!r}", id=msgid, error=exc)
         self.hub.send(client, wire.error(exc, msgid, self.worker.debug))
+
+
+def _timed_out(name, timeout):
+    def raise_timeout(result, timeout_):
+        raise CommandTimeout(f"Command {name!r} did not finish within {timeout} s")
+
+    return raise_timeout

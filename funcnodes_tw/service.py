@@ -2,11 +2,13 @@
 The service tree of one worker.
 
     WorkerService          files, state, registration; stop = save + close
+      ├─ isolation         process pool, commands, thread pools (stops last)
       ├─ listener          the one port (WebSocket + HTTP), standalone only
       ├─ triggers          node triggers, every 5 ms while there is work
       ├─ save              writes state within 1 s of a change
       ├─ messages          expires parked large messages
-      └─ heartbeat         optional: stop when clients stop sending heartbeats
+      ├─ heartbeat         optional: stop when clients stop sending heartbeats
+      └─ external_workers  external worker instances, each looping (external.py)
 
 A host application builds one with L{create}, mounts its C{resource} under
 any path of its own Site and adds the service to its own tree; the
@@ -21,20 +23,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from funcnodes_tw import libraries, loops, persistence, systemd
+from funcnodes_tw import isolation, libraries, loops, packages, persistence, systemd
 from funcnodes_tw.access import OriginPolicy
-from funcnodes_tw.commands.library import add_package_dependency
+from funcnodes_tw.commands import library
 from funcnodes_tw.hub import Hub
 from funcnodes_tw.logs import LEVELS, WorkerLog
 from funcnodes_tw.messages import LargeMessageStore
-from funcnodes_tw.protocol import (
-    DEFAULT_MAX_CLIENT_QUEUE,
-    DEFAULT_MAX_MESSAGE_SIZE,
-    make_factory,
-    protocol_options,
-)
+from funcnodes_tw.protocol import make_factory, protocol_options
 from funcnodes_tw.resources import make_root
 from funcnodes_tw.rpc import Dispatcher
+from funcnodes_tw.settings import Settings
 from funcnodes_tw.worker import Worker
 
 _log = Logger()
@@ -80,47 +78,53 @@ def claim_process_file(path):
 
 
 class WorkerService(MultiService):
-    def __init__(
-        self,
-        worker,
-        clock,
-        max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
-        required_heartbeat=None,
-        allowed_origins=None,
-        max_binary_frame=None,
-        max_client_queue=DEFAULT_MAX_CLIENT_QUEUE,
-        log_level=None,
-    ):
+    def __init__(self, worker, clock, settings=None):
         super().__init__()
         self.setName("funcnodes-worker")
         self.worker = worker
         self.clock = clock
+        self.settings = settings = settings or Settings()
         worker.stop = self._stop_alone
-        self.log = WorkerLog(worker.files.data, log_level or LEVELS["info"])
-        self.store = LargeMessageStore(clock, base_url=self._base_url)
-        self.hub = Hub(max_message_size, self.store, max_binary_frame)
+        worker.debug = settings.debug
+        self.log = WorkerLog(worker.files.data, LEVELS[settings.log_level])
+        self.store = LargeMessageStore(
+            clock, base_url=self._base_url, max_bytes=settings.max_message_store
+        )
+        self.hub = Hub(settings.max_message_size, self.store, settings.max_binary_frame)
         worker.outlet = self.hub
-        self.dispatcher = Dispatcher(worker, self.hub)
-        self.origins = OriginPolicy(allowed_origins)
+        self.dispatcher = Dispatcher(worker, self.hub, settings.command_timeout)
+        self.origins = OriginPolicy(settings.allowed_origins)
         self.factory = make_factory(
             self.hub,
             self.dispatcher,
-            protocol_options(max_message_size),
+            protocol_options(settings.max_message_size),
             self.origins,
-            max_client_queue,
+            settings.max_client_queue,
+            settings.max_connections,
         )
-        self.resource = make_root(worker, self.factory, self.store, self.dispatcher, self.origins)
+        self.resource = make_root(
+            worker, self.factory, self.store, self.dispatcher, self.origins, settings.token
+        )
+        #: Packages to pip-install once the port listens, and that work.
+        self.missing_packages = []
+        self.startup_jobs = defer.succeed(None)
+        self._startup_call = None
 
+        isolation.Isolation(worker.nodespace, clock).setServiceParent(self)
         self.triggers = loops.TriggerDrain(worker.nodespace, clock)
         self.triggers.setServiceParent(self)
         worker.on_activity = self.triggers.kick
         loops.timer("save", loops.SAVE_INTERVAL, lambda: loops.save_if_requested(worker), clock).setServiceParent(self)
         loops.timer("messages", loops.EXPIRE_INTERVAL, self.store.expire, clock).setServiceParent(self)
-        if required_heartbeat:
-            interval = min(5.0, required_heartbeat / 10)
+        required = settings.required_heartbeat
+        if required:
             loops.timer(
-                "heartbeat", interval, lambda: loops.heartbeat_check(worker, required_heartbeat), clock
+                "heartbeat",
+                min(5.0, required / 10),
+                lambda: loops.heartbeat_check(worker, required),
+                clock,
             ).setServiceParent(self)
+        worker.external.setServiceParent(self)
 
     def _stop_alone(self):
         """
@@ -157,11 +161,15 @@ class WorkerService(MultiService):
         if worker.name is None:
             worker.name = config.get("name")
         worker.set_runstate("starting", "Loading packages")
-        for name, dep in (config.get("package_dependencies") or {}).items():
-            try:
-                add_package_dependency(worker, name, version=(dep or {}).get("version"), sync=False)
-            except Exception as exc:
-                _log.error("Package {name} could not be loaded: {exc}", name=name, exc=exc)
+        # Installed packages load now; missing ones are installed after the
+        # port listens (pip may take minutes), their nodes kept as
+        # placeholders until then.
+        packages.installer_for(worker).closing = False
+        self.missing_packages = library.load_dependencies(worker, config.get("package_dependencies"))
+        try:
+            library.load_local_scripts(worker)
+        except Exception:
+            _log.failure("Loading local scripts failed")
         worker.set_runstate("starting", "Loading nodespace")
         try:
             state = persistence.load_state(files.state)
@@ -169,7 +177,7 @@ class WorkerService(MultiService):
             _log.error("{exc}", exc=exc)
             state = None
         if state is not None:
-            worker.load(state)
+            worker.load(library.keep_io_ids(state))
         worker.save_requested = False
         # Clients can send heartbeats only from now on: loading is no silence.
         worker.last_heartbeat = self.clock.seconds()
@@ -189,6 +197,19 @@ class WorkerService(MultiService):
         _log.info("Worker {uuid} listening on {url}", uuid=worker.uuid, url=url)
         _log.info("Open the UI: http://{host}:{port}/", host=worker.host, port=worker.port)
         systemd.notify(f"READY=1\nSTATUS=listening on {url}")
+        self.startup_jobs = defer.Deferred()
+        self._startup_call = self.clock.callLater(0, self._run_startup_jobs)
+
+    def _run_startup_jobs(self):
+        """
+        pip work of the start (missing packages, C{update_on_startup}),
+        never before the port is up; C{startup_jobs} fires when it is done.
+        """
+        self._startup_call = None
+        missing, self.missing_packages = self.missing_packages, []
+        d = defer.Deferred.fromCoroutine(library.startup_jobs(self.worker, missing))
+        d.addErrback(lambda failure: _log.failure("Package work after the start failed", failure))
+        d.chainDeferred(self.startup_jobs)
 
     def stopService(self):
         return defer.Deferred.fromCoroutine(self._stop())
@@ -198,6 +219,10 @@ class WorkerService(MultiService):
         systemd.notify("STOPPING=1")
         worker.worker_event("stopping")
         worker.set_runstate("stopped")
+        if self._startup_call is not None and self._startup_call.active():
+            self._startup_call.cancel()
+            self.startup_jobs.callback(None)
+        await packages.installer_for(worker).close()
         try:
             await worker.save()
         except Exception:
@@ -211,9 +236,7 @@ class WorkerService(MultiService):
         self.log.stop()
 
 
-def create(
-    uuid, data_path=None, name=None, clock=None, debug=False, workers_dir=None, **settings
-):
+def create(uuid, data_path=None, name=None, clock=None, workers_dir=None, settings=None, **values):
     """
     A worker service for an existing Twisted application.
 
@@ -222,13 +245,14 @@ def create(
         root.putChild(b"fn", fn.resource)   # the UI connects to ws://host:port/fn/
 
     The registration files go to C{workers_dir} (default: the FuncNodes
-    config's C{workers/}); C{settings} are L{WorkerService}'s keyword arguments.
+    config's C{workers/}); C{settings} is a L{Settings}, or its fields are
+    given as keyword arguments.
     """
     if clock is None:
         from twisted.internet import reactor as clock
     files = persistence.WorkerFiles(uuid, data_path, workers_dir)
-    worker = Worker(files, uuid, name=name, debug=debug, clock=clock)
-    return WorkerService(worker, clock, **settings)
+    worker = Worker(files, uuid, name=name, clock=clock)
+    return WorkerService(worker, clock, settings or Settings(**values))
 
 
 def _read_config(path):

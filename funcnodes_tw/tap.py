@@ -13,16 +13,13 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 from twisted.python import usage
 
-from funcnodes_tw import aio, persistence
+from funcnodes_tw import aio, persistence, settings
 from funcnodes_tw.logs import LEVELS
-from funcnodes_tw.protocol import DEFAULT_MAX_CLIENT_QUEUE, DEFAULT_MAX_MESSAGE_SIZE
 
 _log = Logger()
 
 START_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", 9382))
 END_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_ENDPORT", 9582))
-MAX_MESSAGE_SIZE = int(os.environ.get("FUNCNODES_WS_WORKER_MAX_SIZE", DEFAULT_MAX_MESSAGE_SIZE))
-MAX_UPLOAD_SIZE = int(os.environ.get("FUNCNODES_WS_WORKER_MAX_DATA_SIZE", 10 * 1024**3))
 
 
 def _positive(kind):
@@ -41,7 +38,9 @@ class Options(usage.Options):
         "Run a FuncNodes worker: one node graph served over WebSocket and HTTP on "
         "one port, compatible with the FuncNodes web UI and worker manager. "
         "Without options a new worker is created under $FUNCNODES_CONFIG_DIR "
-        "(default ~/.funcnodes) on port 9382 or the next free one."
+        "(default ~/.funcnodes) on port 9382 or the next free one. Limits and "
+        "access settings not given here are read from the worker config file "
+        "(same names with underscores, e.g. max_message_size)."
     )
     optFlags = [
         ["debug", "d", "Log debug messages and send tracebacks to clients."],
@@ -54,33 +53,40 @@ class Options(usage.Options):
         ["host", None, os.environ.get("FUNCNODES_HOST", "127.0.0.1"), "Interface to bind."],
         ["port", "p", None, "TCP port (default: the worker's last port, else the first free from 9382).", int],
         ["listen", "l", None, "A Twisted server endpoint string; overrides --host/--port."],
-        ["log-level", None, "info", "debug, info, warn or error."],
+        ["log-level", None, None, "debug, info (default), warn or error."],
+        ["token", None, None, "A secret every request must carry (?token= in the worker URL, or Authorization: Bearer)."],
         ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
-        ["max-message-size", None, MAX_MESSAGE_SIZE, "Largest WebSocket message in bytes.", _positive(int)],
-        ["max-upload-size", None, MAX_UPLOAD_SIZE, "Largest HTTP request body in bytes.", _positive(int)],
-        ["max-client-queue", None, DEFAULT_MAX_CLIENT_QUEUE, "Bytes a slow client may fall behind before it is disconnected.", _positive(int)],
+        ["command-timeout", None, None, "Seconds after which an unfinished command gets an error reply.", _positive(float)],
+        ["max-connections", None, None, "Most WebSocket clients at once.", _positive(int)],
+        ["max-message-size", None, None, "Largest WebSocket message in bytes (default 1 MiB).", _positive(int)],
+        ["max-upload-size", None, None, "Largest HTTP request body in bytes (default 10 GiB).", _positive(int)],
+        ["max-client-queue", None, None, "Bytes a slow client may fall behind before it is disconnected (default 32 MiB).", _positive(int)],
+        ["max-message-store", None, None, "Bytes of large messages kept for GET /message/ (default 512 MiB).", _positive(int)],
         ["max-binary-frame", None, None, "Split binary values into chunk=i/n frames of this many bytes (the UI cannot reassemble them).", _positive(int)],
     ]
 
     def __init__(self):
         super().__init__()
-        self["allow-origin"] = []
+        self["allowed-origins"] = []
 
     def opt_allow_origin(self, origin):
         """
         A web origin (scheme://host[:port]) allowed to use the worker; repeatable; '*' for any.
         """
-        self["allow-origin"].append(origin)
+        self["allowed-origins"].append(origin)
 
     def postOptions(self):
-        if self["debug"]:
-            self["log-level"] = "debug"
-        if self["log-level"] not in LEVELS:
+        if self["log-level"] is not None and self["log-level"] not in LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(LEVELS)}")
         if self["uuid"] is None:
             self["uuid"] = new_uuid(self["name"])
         elif not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", self["uuid"]):
             raise usage.UsageError("--uuid may only contain letters, digits, '.', '_' and '-'")
+        self.files = persistence.WorkerFiles(self["uuid"], self["data-path"])
+        try:
+            self.settings = settings.resolve(self, _saved_config(self.files))
+        except ValueError as exc:
+            raise usage.UsageError(f"{self.files.config}: {exc}") from None
 
 
 def new_uuid(name=None):
@@ -134,19 +140,9 @@ def makeService(options, reactor=None):
     from funcnodes_tw.resources import make_site
     from funcnodes_tw.service import Listener, create
 
-    files = persistence.WorkerFiles(options["uuid"], options["data-path"])
+    files, worker_settings = options.files, options.settings
     service = create(
-        options["uuid"],
-        options["data-path"],
-        name=options["name"],
-        clock=reactor,
-        debug=options["debug"],
-        max_message_size=options["max-message-size"],
-        required_heartbeat=options["required-heartbeat"],
-        allowed_origins=options["allow-origin"] or _saved_config(files).get("allowed_origins"),
-        max_binary_frame=options["max-binary-frame"],
-        max_client_queue=options["max-client-queue"],
-        log_level=LEVELS[options["log-level"]],
+        options["uuid"], options["data-path"], options["name"], reactor, settings=worker_settings
     )
     worker = service.worker
     worker.stop = _once(reactor.stop)
@@ -164,7 +160,7 @@ def makeService(options, reactor=None):
 
     Listener(
         listen_descriptions(options, files),
-        make_site(service.resource, options["max-upload-size"]),
+        make_site(service.resource, worker_settings.max_upload_size),
         reactor,
         service.listening,
         failed,

@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from funcnodes_tw import aio, persistence, wire
+from funcnodes_tw.external import ExternalWorkers
 
 _log = Logger()
 
@@ -83,6 +84,7 @@ class Worker:
         self.nodespace.on("*", self._on_nodespace_event)
         self.nodespace.on_error(self._on_nodespace_error)
         self.nodespace.lib.on("*", self._on_lib_event)
+        self.external = ExternalWorkers(self)
         self._set_files_dir()
 
     # region outgoing messages
@@ -192,9 +194,10 @@ class Worker:
         }
         return view
 
-    def save_state(self):
+    def save_state(self, export=False):
         """
-        The WorkerState that C{nodespace.json} holds (PROTOCOL.md 12.2).
+        The WorkerState that C{nodespace.json} holds (PROTOCOL.md 12.2);
+        C{export} leaves out external worker config fields marked private.
         """
         view = self.view_state()
         view.pop("nodes", None)
@@ -202,7 +205,7 @@ class Worker:
             "backend": saving.serialize_nodespace_for_saving(self.nodespace),
             "view": view,
             "meta": self.meta(),
-            "external_workers": {},
+            "external_workers": self.external.save_state(export),
         }
 
     def worker_json(self):
@@ -218,7 +221,7 @@ class Worker:
                 None if self.files.data == self.files.default_data else str(self.files.data)
             ),
             "env_path": config.get("env_path"),
-            "worker_dependencies": config.get("worker_dependencies", {}),
+            "worker_dependencies": {d["module"]: d for d in self.external.dependencies()},
             "package_dependencies": dict(self.package_dependencies),
             "pid": os.getpid(),
             "autostart": config.get("autostart", "never"),
@@ -263,6 +266,7 @@ class Worker:
         if "id" in meta:
             self.set_nodespace_id(meta["id"])
         self.viewdata = state.get("view") or {"renderoptions": {}}
+        self.external.load_state(state)
         self.nodespace.deserialize(backend)
         self.nodespace.remove_property("files_dir")
         self._set_files_dir()

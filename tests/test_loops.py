@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from funcnodes_tw import commands, loops
 from funcnodes_tw.messages import LargeMessageStore
 from funcnodes_tw.persistence import WorkerFiles
+from funcnodes_tw.settings import Settings
 from funcnodes_tw.service import WorkerService
 from funcnodes_tw.worker import Worker
 
@@ -130,7 +131,7 @@ def test_worker_activity_kicks_the_drain(tmp_path):
     clock = Clock()
     files = WorkerFiles("loopworker", root=tmp_path)
     worker = Worker(files, "loopworker", clock=clock)
-    service = WorkerService(worker, clock, 1024 * 1024)
+    service = WorkerService(worker, clock, Settings(max_message_size=1024 * 1024))
     service.triggers.startService()
     clock.advance(loops.DRAIN_INTERVAL)
     assert not service.triggers._call.running
@@ -192,7 +193,7 @@ def test_a_failing_timer_keeps_running():
 def heartbeat_service(tmp_path, clock, required):
     files = WorkerFiles("hbworker", root=tmp_path)
     worker = Worker(files, "hbworker", clock=clock)
-    service = WorkerService(worker, clock, 1024 * 1024, required_heartbeat=required)
+    service = WorkerService(worker, clock, Settings(max_message_size=1024 * 1024, required_heartbeat=required))
     stops = []
     worker.stop = lambda: stops.append(clock.seconds())
     timer = service.getServiceNamed("heartbeat")
@@ -220,7 +221,7 @@ def test_heartbeat_silence_counts_from_the_start_not_from_construction(tmp_path)
     clock = Clock()
     files = WorkerFiles("hbworker", root=tmp_path)
     worker = Worker(files, "hbworker", clock=clock)
-    service = WorkerService(worker, clock, 1024 * 1024, required_heartbeat=2)
+    service = WorkerService(worker, clock, Settings(max_message_size=1024 * 1024, required_heartbeat=2))
     stops = []
     worker.stop = lambda: stops.append(clock.seconds())
     clock.advance(30)  # a slow start
@@ -246,7 +247,7 @@ def test_heartbeats_keep_the_worker_alive(tmp_path):
 def test_no_heartbeat_timer_unless_asked(tmp_path):
     clock = Clock()
     files = WorkerFiles("hbworker", root=tmp_path)
-    service = WorkerService(Worker(files, "hbworker", clock=clock), clock, 1024)
+    service = WorkerService(Worker(files, "hbworker", clock=clock), clock, Settings(max_message_size=1024))
     with pytest.raises(KeyError):
         service.getServiceNamed("heartbeat")
 
@@ -325,7 +326,7 @@ def test_store_grace_never_extends_the_ttl():
 def test_service_expires_parked_messages(tmp_path):
     clock = Clock()
     files = WorkerFiles("msgworker", root=tmp_path)
-    service = WorkerService(Worker(files, "msgworker", clock=clock), clock, 1024)
+    service = WorkerService(Worker(files, "msgworker", clock=clock), clock, Settings(max_message_size=1024))
     service.store.put(b"z" * 100)
     timer = service.getServiceNamed("messages")
     timer.startService()

@@ -25,6 +25,7 @@ from twisted.test import iosim
 import funcnodes_core as fn
 from funcnodes_tw import commands
 from funcnodes_tw.persistence import WorkerFiles
+from funcnodes_tw.settings import Settings
 from funcnodes_tw.service import WorkerService
 from funcnodes_tw.worker import Worker
 
@@ -86,7 +87,7 @@ class Session:
         files.create()
         self.worker = Worker(files, "memworker", clock=clock)
         self.worker.nodespace.add_shelf(_SHELF)
-        self.service = WorkerService(self.worker, clock, MAX_SIZE)
+        self.service = WorkerService(self.worker, clock, Settings(max_message_size=MAX_SIZE))
         self.stops = []
         self.worker.stop = lambda: self.stops.append(clock.seconds())
         self.factory = self.service.factory

@@ -69,4 +69,4 @@ def _saved(result, worker):
     return result
 
 
-from funcnodes_tw.commands import files, library, nodes, state  # noqa: E402,F401  (registers)
+from funcnodes_tw.commands import external, files, library, nodes, state  # noqa: E402,F401  (registers)

@@ -5,10 +5,14 @@ Commands about the worker's files.
 import base64
 import binascii
 
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 
 from funcnodes_tw import archive, uploads
 from funcnodes_tw.commands import command, library
+
+_log = Logger()
 
 
 @command
@@ -47,11 +51,12 @@ def export_worker(worker, with_files=True):
     packs it; saved first, zipped in a thread.
     """
     state = worker.save_state()
+    exported = worker.save_state(export=True)
     config = exportable_config(worker)
     d = worker.save(state)
     d.addCallback(
         lambda _: deferToThread(
-            archive.pack, config, state, worker.files.files if with_files else None
+            archive.pack, config, exported, worker.files.files if with_files else None
         )
     )
     return d
@@ -72,10 +77,19 @@ def update_from_export(worker, data):
 @command(saves=True)
 def update(worker, config, state):
     """
-    Apply an exported config (its package dependencies) and state.
+    Apply an exported config (its package dependencies, installed with pip
+    when missing) and state. A package that cannot be added is reported
+    (progress and log) and the state is loaded anyway, as the reference does.
     """
     config, state = archive.as_object(config, "config"), archive.as_object(state, "state")
+    return defer.Deferred.fromCoroutine(_update(worker, config, state))
+
+
+async def _update(worker, config, state):
     for name, dep in (config.get("package_dependencies") or {}).items():
-        library.add_package_dependency(worker, name, version=(dep or {}).get("version"), sync=False)
+        try:
+            await library.add_dependency(worker, name, (dep or {}).get("version"), sync=False)
+        except Exception as exc:
+            _log.error("Package {name} could not be added: {exc}", name=name, exc=exc)
     worker.load(state)
     worker.worker_event("fullsync")

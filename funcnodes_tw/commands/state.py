@@ -74,8 +74,8 @@ def full_state(worker):
     return {
         "backend": worker.nodespace,
         "view": worker.view_state(),
-        "worker": {},
-        "worker_dependencies": [],
+        "worker": worker.external.running_ids(),
+        "worker_dependencies": worker.external.dependencies(),
         "progress_state": worker.progress_state,
         "meta": worker.meta(),
     }
@@ -83,7 +83,7 @@ def full_state(worker):
 
 @command
 def get_save_state(worker, export=False):
-    return worker.save_state()
+    return worker.save_state(export=bool(export))
 
 
 @command

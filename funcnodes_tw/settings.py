@@ -1,0 +1,95 @@
+"""
+A worker's settings, and the one place where they are read: the command
+line first, then the worker config file, then the defaults (which honour
+the reference's environment variables).
+"""
+
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+MiB = 1024 * 1024
+
+
+def _env(name, default):
+    return int(os.environ.get(name, default))
+
+
+@dataclass
+class Settings:
+    #: Largest message a client may send; larger text replies go via HTTP.
+    max_message_size: int = _env("FUNCNODES_WS_WORKER_MAX_SIZE", MiB)
+    #: Largest HTTP request body (uploads, C{POST /message/}).
+    max_upload_size: int = _env("FUNCNODES_WS_WORKER_MAX_DATA_SIZE", 10 * 1024 * MiB)
+    #: Bytes a slow client may fall behind before it is disconnected.
+    max_client_queue: int = 32 * MiB
+    #: Split binary values into C{chunk=i/n} frames of this size (None: never).
+    max_binary_frame: Optional[int] = None
+    #: Simultaneous WebSocket clients (None: no limit).
+    max_connections: Optional[int] = None
+    #: Bytes of large messages parked for C{GET /message/}.
+    max_message_store: int = 512 * MiB
+    #: Seconds before a command that has not finished gets an error reply.
+    command_timeout: Optional[float] = None
+    #: Stop when no client sent C{heartbeat} for this many seconds.
+    required_heartbeat: Optional[float] = None
+    #: Web origins allowed to use the worker (None: loopback while on loopback).
+    allowed_origins: Optional[list] = None
+    #: A secret every request must carry (C{?token=}, C{Authorization: Bearer}).
+    token: Optional[str] = None
+    #: Send tracebacks to clients and log debug messages.
+    debug: bool = False
+    #: debug, info, warn or error.
+    log_level: str = "info"
+
+
+NAMES = [field.name for field in fields(Settings)]
+
+#: How a value from the config file is checked (command-line options are
+#: converted by their own option definitions).
+_KINDS = {
+    "max_message_size": int,
+    "max_upload_size": int,
+    "max_client_queue": int,
+    "max_binary_frame": int,
+    "max_connections": int,
+    "max_message_store": int,
+    "command_timeout": float,
+    "required_heartbeat": float,
+}
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+def _checked(name, value):
+    kind = _KINDS.get(name)
+    if kind is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, not {value!r}")
+        return kind(value)
+    if name == "allowed_origins" and not (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    ):
+        raise ValueError(f"allowed_origins must be a list of origins, not {value!r}")
+    if name in ("token", "log_level") and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, not {value!r}")
+    if name == "log_level" and value not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def resolve(options, config):
+    """
+    Settings from parsed options (C{--max-message-size} etc., None when not
+    given) over the worker config's keys (C{max_message_size} etc.).
+    """
+    values = {}
+    for name in NAMES:
+        given = options.get(name.replace("_", "-"))
+        if given not in (None, [], False):
+            values[name] = given
+        elif config.get(name) is not None:
+            values[name] = _checked(name, config[name])
+    settings = Settings(**values)
+    if settings.debug:
+        settings.log_level = "debug"
+    return settings
