@@ -352,3 +352,34 @@ def _upload_scenario(ui: FuncNodesUI, expect, url: str, shot, files_dir: Path):
     shot("22-uploaded")
     assert (files_dir / UPLOAD_NAME).read_bytes() == UPLOAD_CONTENT
     assert [p.relative_to(files_dir) for p in files_dir.rglob("*")] == [Path(UPLOAD_NAME)]
+
+
+# --------------------------------------------------------------------------- embedding
+
+EMBEDDED_APP = Path(__file__).with_name("embedded_app.py")
+
+
+@pytest.fixture
+def embedded_app(tmp_path):
+    """A host application (tests/embedded_app.py) serving a worker at /fn/."""
+    port = free_port()
+    env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(tmp_path / "config"))
+    logfile = tmp_path / "app.log"
+    cmd = [sys.executable, str(EMBEDDED_APP), str(port), str(tmp_path / "data"),
+           str(tmp_path / "workers")]
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, timeout=30)
+        yield port
+    finally:
+        stop_process(proc)
+
+
+def test_ui_on_a_worker_mounted_in_a_host_application(chromium, embedded_app, tmp_path):
+    """
+    The worker's own page at /fn/ (redirected to /fn/static/index.html with
+    worker_url=ws://host:port/fn/) drives the mounted worker like a standalone one.
+    """
+    url = f"http://127.0.0.1:{embedded_app}/fn/"
+    run_in_thread(_drive_ui, chromium, url, tmp_path, timeout=120)
