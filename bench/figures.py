@@ -530,7 +530,8 @@ async def pipeline(bench: Bench, cfg, out: Recorder):
                 cpu0, own0 = w.cpu(), time.process_time()
                 t0 = time.perf_counter()
                 await asyncio.gather(
-                    *(_pipelined(ws, per_client, cfg.pipe_depth) for ws in socks[w.side][:n_clients])
+                    *(_pipelined(ws, per_client, cfg.pipe_depth)
+                      for ws in socks[w.side][:n_clients])
                 )
                 seconds = time.perf_counter() - t0
                 return {

@@ -23,6 +23,9 @@ Workloads (the bench figure they profile):
 * ``chain0x20``: the same with 20 clients connected (``chain0``).
 * ``full_state``: ``full_state`` with a 200-node graph, one call after the other
   (``full_state``).
+* ``rpc``: ``uuid``, one call at a time (``rpc``).
+* ``large``: ``get_io_full_value`` of a 20 MB string, answered with a
+  ``large_message`` hint and fetched with ``GET /message/<id>`` (``large``).
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ from typing import Dict, List, Tuple
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.figures import DELAY_VAR, _pipelined, build_chain, run_chain  # noqa: E402
-from bench.harness import ROOT, Worker  # noqa: E402
+from bench.figures import DELAY_VAR, _pipelined, big_string, build_chain, run_chain  # noqa: E402
+from bench.harness import MB, ROOT, Worker  # noqa: E402
 
-WORKLOADS = ("pipeline", "pipeline8", "chain0", "chain0x20", "full_state")
+WORKLOADS = ("pipeline", "pipeline8", "chain0", "chain0x20", "full_state", "rpc", "large")
 
 
 def py_spy() -> str:
@@ -83,6 +86,21 @@ async def setup(name: str, w: Worker):
             await run_chain(w, clients, ids[0], ids[-1], value, value + len(ids))
 
         return step
+    if name == "rpc":
+        async def step():
+            for _ in range(100):
+                await w.client.call("uuid")
+
+        return step
+    if name == "large":
+        nid = (await w.client.call("add_node", id="input.str"))["id"]
+        await w.post_command("set_io_value", nid=nid, ioid="input", value=big_string(20 * MB))
+        await asyncio.sleep(1.0)
+
+        async def step():
+            await w.client.call_large("get_io_full_value", nid=nid, ioid="input")
+
+        return step
     if name == "full_state":
         ids = await build_chain(w, 200)
         await run_chain(w, [w.client], ids[0], ids[-1], 0.5, 200.5, timeout=120)
@@ -118,7 +136,8 @@ async def profile(args, out_dir: Path) -> Tuple[Path, float, int]:
             while spy.poll() is None:
                 await step()
                 steps += fmt == "raw"
-            elapsed = time.perf_counter() - t0
+            if fmt == "raw":
+                elapsed = time.perf_counter() - t0
             if spy.returncode != 0:
                 raise SystemExit(f"py-spy failed: {spy.stderr.read().decode()[-2000:]}")
         return outputs[0][1], elapsed, steps
@@ -174,7 +193,9 @@ def summarise(path: Path, rate: int, seconds: float, top: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.profile", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("workload", choices=WORKLOADS)
     parser.add_argument("--side", choices=("tw", "ref"), default="tw")
     parser.add_argument("--seconds", type=int, default=10)

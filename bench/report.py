@@ -68,7 +68,8 @@ def write_table(recorders: List[Recorder], stream: TextIO) -> None:
 def write_markdown(recorders: List[Recorder], stream: TextIO) -> None:
     """The same table in Markdown, a bold line per figure (as docs/benchmarks.md has it)."""
     stream.write("| " + " | ".join(HEADER) + " |\n")
-    stream.write("|" + "|".join("---:" if i in RIGHT else "---" for i in range(len(HEADER))) + "|\n")
+    aligns = ("---:" if i in RIGHT else "---" for i in range(len(HEADER)))
+    stream.write("|" + "|".join(aligns) + "|\n")
     blank = " |" * (len(HEADER) - 1)
     for rec in recorders:
         title = f"**{rec.name}**" + (f" FAILED: {rec.error}" if rec.error else "")

@@ -95,7 +95,10 @@ def parse_args(argv=None):
         prog="python -m bench",
         description="Benchmark funcnodes_tw against the reference worker (funcnodes-worker 1.6.0).",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and shared workers: a smoke run in < 40 s")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="tiny sizes and shared workers: a smoke run in < 40 s",
+    )
     parser.add_argument(
         "--full", action="store_true",
         help="watch RSS 60 s and 75 s (not 10 s) after the large-message fetches; "

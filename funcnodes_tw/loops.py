@@ -83,7 +83,9 @@ def timer(name, interval, function, clock):
 def save_if_requested(worker):
     if worker.save_requested:
         d = worker.save()
-        d.addErrback(lambda f: _log.failure("Saving the worker state failed", f))
+        # The worker logs and reports the first failure and asks for the
+        # save again: here, a retry failing once a second stays quiet.
+        d.addErrback(lambda f: None)
         return d
 
 

@@ -163,7 +163,9 @@ def load_state(path):
         state = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise StateFileError(f"{path} is not valid JSON ({exc}); moved to {_move_aside(path)}")
-    if not isinstance(state, dict) or not isinstance(state.get("backend", {}), dict):
+    if not isinstance(state, dict) or not all(
+        isinstance(state.get(key) or {}, dict) for key in ("backend", "meta", "view")
+    ):
         raise StateFileError(f"{path} is not a FuncNodes worker state; moved to {_move_aside(path)}")
     return state
 

@@ -58,6 +58,12 @@ class WorkerProtocol(WebSocketServerProtocol):
             self._tail.addErrback(lambda f: self._log.failure("Replying failed", f))
 
     def onClose(self, wasClean, code, reason):
+        # Autobahn leaves the timer of a closing handshake we started (1002,
+        # 1007, 1009, going away) running after the connection is gone.
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        self.closeHandshakeTimeoutCall = None
+        if call is not None:
+            call.cancel()
         self.factory.hub.leave(self)
         outbox = getattr(self, "outbox", None)
         if outbox is not None:
@@ -111,7 +117,10 @@ def protocol_options(max_message_size, ping_interval=10, ping_timeout=20):
 
     Autobahn's defaults suit a client, not a server: no payload cap, no
     auto-ping. Frames above the cap close the connection with 1009, as with
-    the reference; auto-ping finds half-open connections.
+    the reference; auto-ping finds half-open connections. A protocol error
+    (1002), invalid UTF-8 (1007) or an oversized message (1009) closes with
+    that code: Autobahn's default C{failByDrop} would drop the TCP
+    connection without a close frame, so clients would see only 1006.
     """
     return {
         "maxFramePayloadSize": max_message_size,
@@ -119,6 +128,7 @@ def protocol_options(max_message_size, ping_interval=10, ping_timeout=20):
         "autoPingInterval": ping_interval,
         "autoPingTimeout": ping_timeout,
         "utf8validateIncoming": True,
+        "failByDrop": False,
         "openHandshakeTimeout": 10,
         "closeHandshakeTimeout": 2,
     }

@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from funcnodes_tw import isolation, libraries, loops, packages, persistence, systemd
 from funcnodes_tw.access import OriginPolicy
@@ -97,7 +98,9 @@ class WorkerService(MultiService):
         self.factory = make_factory(
             self.hub,
             self.dispatcher,
-            protocol_options(settings.max_message_size),
+            protocol_options(
+                settings.max_message_size, settings.ping_interval, settings.ping_timeout
+            ),
             self.origins,
             settings.max_client_queue,
             settings.max_connections,
@@ -136,7 +139,8 @@ class WorkerService(MultiService):
             self.stopService()
 
     def _base_url(self):
-        return f"http://{self.worker.host}:{self.worker.port}"
+        scheme = "https" if self.worker.ssl else "http"
+        return f"{scheme}://{self.worker.host}:{self.worker.port}"
 
     def startService(self):
         self.prepare()
@@ -183,19 +187,21 @@ class WorkerService(MultiService):
         worker.last_heartbeat = self.clock.seconds()
         worker.worker_event("starting")
 
-    def listening(self, address):
+    def listening(self, address, ssl=False):
         """
         Called once the port is bound: now the registration is true. A host
-        application calls it with its own port's address.
+        application calls it with its own port's address (and C{ssl=True}
+        when that port speaks TLS).
         """
         worker = self.worker
-        worker.host, worker.port = address.host, address.port
+        worker.host, worker.port, worker.ssl = address.host, address.port, ssl
         self.origins.bound_host = address.host
         worker.write_config()
         worker.set_runstate("running")
-        url = f"ws://{worker.host}:{worker.port}"
+        secure = "s" if ssl else ""
+        url = f"ws{secure}://{worker.host}:{worker.port}"
         _log.info("Worker {uuid} listening on {url}", uuid=worker.uuid, url=url)
-        _log.info("Open the UI: http://{host}:{port}/", host=worker.host, port=worker.port)
+        _log.info("Open the UI: http{s}://{host}:{port}/", s=secure, host=worker.host, port=worker.port)
         systemd.notify(f"READY=1\nSTATUS=listening on {url}")
         self.startup_jobs = defer.Deferred()
         self._startup_call = self.clock.callLater(0, self._run_startup_jobs)
@@ -264,6 +270,13 @@ def _read_config(path):
     return config if isinstance(config, dict) else None
 
 
+def is_tls(port):
+    """
+    Whether a listening port speaks TLS (C{ssl:} endpoints wrap the factory).
+    """
+    return isinstance(getattr(port, "factory", None), TLSMemoryBIOFactory)
+
+
 class Listener(Service):
     """
     Listen on the first endpoint that is free, in order.
@@ -296,7 +309,7 @@ class Listener(Service):
             except CannotListenError as exc:
                 error = exc
                 continue
-            self.on_listening(self.port.getHost())
+            self.on_listening(self.port.getHost(), ssl=is_tls(self.port))
             return self.port
         raise error
 

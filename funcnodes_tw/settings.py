@@ -4,7 +4,9 @@ line first, then the worker config file, then the defaults (which honour
 the reference's environment variables).
 """
 
+import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -31,6 +33,13 @@ class Settings:
     max_message_store: int = 512 * MiB
     #: Seconds before a command that has not finished gets an error reply.
     command_timeout: Optional[float] = None
+    #: Seconds between WebSocket pings to each client.
+    ping_interval: float = 10.0
+    #: Seconds a client may take to answer a ping before it is dropped
+    #: (a half-open connection: the peer vanished without closing). Autobahn's
+    #: timers (txaio's batched timer) truncate to whole seconds and may fire up
+    #: to a second early: below 2 a live client can be dropped.
+    ping_timeout: float = 20.0
     #: Stop when no client sent C{heartbeat} for this many seconds.
     required_heartbeat: Optional[float] = None
     #: Web origins allowed to use the worker (None: loopback while on loopback).
@@ -55,22 +64,49 @@ _KINDS = {
     "max_connections": int,
     "max_message_store": int,
     "command_timeout": float,
+    "ping_interval": float,
+    "ping_timeout": float,
     "required_heartbeat": float,
 }
 LOG_LEVELS = ("debug", "info", "warn", "error")
+
+#: A token travels unescaped in URLs (C{ws://host/?token=T}, from which the UI
+#: derives C{/?token=T/message/<id>}): C{/} would end it early, C{+} would
+#: become a space. An empty one would turn authentication off.
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+def check_token(value):
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ValueError(
+            "token must be a non-empty string of letters, digits, '.', '_', '~' and '-'"
+        )
+    return value
 
 
 def _checked(name, value):
     kind = _KINDS.get(name)
     if kind is not None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)  # json.loads accepts Infinity and NaN
+            or value <= 0
+        ):
             raise ValueError(f"{name} must be a positive number, not {value!r}")
+        if kind is int and value != int(value):
+            # int(0.5) would be 0, which means "no limit" to Autobahn.
+            raise ValueError(f"{name} must be a whole number, not {value!r}")
         return kind(value)
     if name == "allowed_origins" and not (
         isinstance(value, list) and all(isinstance(v, str) for v in value)
     ):
         raise ValueError(f"allowed_origins must be a list of origins, not {value!r}")
-    if name in ("token", "log_level") and not isinstance(value, str):
+    if name == "debug" and not isinstance(value, bool):
+        raise ValueError(f"debug must be true or false, not {value!r}")
+    if name == "token":
+        return check_token(value)
+    if name == "log_level" and not isinstance(value, str):
         raise ValueError(f"{name} must be a string, not {value!r}")
     if name == "log_level" and value not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")

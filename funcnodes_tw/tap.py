@@ -25,7 +25,7 @@ END_PORT = int(os.environ.get("FUNCNODES_WS_WORKER_ENDPORT", 9582))
 def _positive(kind):
     def convert(text):
         value = kind(text)
-        if value <= 0:
+        if not value > 0 or value == float("inf"):  # also refuses nan
             raise ValueError(f"must be positive, not {text}")
         return value
 
@@ -54,10 +54,12 @@ class Options(usage.Options):
         ["port", "p", None, "TCP port (default: the worker's last port, else the first free from 9382).", int],
         ["listen", "l", None, "A Twisted server endpoint string; overrides --host/--port."],
         ["log-level", None, None, "debug, info (default), warn or error."],
-        ["token", None, None, "A secret every request must carry (?token= in the worker URL, or Authorization: Bearer)."],
+        ["token", None, None, "A secret every request must carry (?token= in the worker URL, or Authorization: Bearer); letters, digits, '.', '_', '~', '-'.", settings.check_token],
         ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
         ["command-timeout", None, None, "Seconds after which an unfinished command gets an error reply.", _positive(float)],
         ["max-connections", None, None, "Most WebSocket clients at once.", _positive(int)],
+        ["ping-interval", None, None, "Seconds between WebSocket pings to each client (default 10).", _positive(float)],
+        ["ping-timeout", None, None, "Seconds a client may take to answer a ping before it is dropped (default 20).", _positive(float)],
         ["max-message-size", None, None, "Largest WebSocket message in bytes (default 1 MiB).", _positive(int)],
         ["max-upload-size", None, None, "Largest HTTP request body in bytes (default 10 GiB).", _positive(int)],
         ["max-client-queue", None, None, "Bytes a slow client may fall behind before it is disconnected (default 32 MiB).", _positive(int)],
@@ -84,7 +86,7 @@ class Options(usage.Options):
             raise usage.UsageError("--uuid may only contain letters, digits, '.', '_' and '-'")
         self.files = persistence.WorkerFiles(self["uuid"], self["data-path"])
         try:
-            self.settings = settings.resolve(self, _saved_config(self.files))
+            self.settings = settings.resolve(self, _settings_config(self.files))
         except ValueError as exc:
             raise usage.UsageError(f"{self.files.config}: {exc}") from None
 
@@ -124,6 +126,23 @@ def _once(function):
             function()
 
     return once
+
+
+def _settings_config(files):
+    """
+    The worker config the settings come from. Unlike L{_saved_config}, a file
+    that cannot be read is an error: taken as empty, it would silently drop
+    its token, and the registration written at start would replace it.
+    """
+    try:
+        saved = persistence.read_json(files.config)
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if saved is not None and not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+    return saved or {}
 
 
 def _saved_config(files):

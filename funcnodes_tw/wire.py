@@ -68,7 +68,9 @@ def dumps(obj):
 
     Integers beyond 64 bits, which orjson refuses, are rendered as fragments
     (NaN still becomes null); only what orjson cannot do at all (nesting deeper
-    than 255, lone surrogates) takes the slow standard path.
+    than 255, lone surrogates) takes the slow standard path. What is nested
+    too deeply even for that (clients may send 1024 levels) raises
+    RecursionError.
     """
     try:
         return orjson.dumps(obj, default=_default, option=_OPTIONS)
@@ -78,15 +80,22 @@ def dumps(obj):
         return orjson.dumps(
             _big_ints(obj), default=lambda o: _big_ints(_default(o)), option=_OPTIONS
         )
-    except orjson.JSONEncodeError:
+    except (orjson.JSONEncodeError, RecursionError):
         return json.dumps(obj, cls=JSONEncoder).encode("utf-8")
+
+
+#: Deepest nesting of a client message: what orjson writes back. It reads
+#: 1024 levels, but funcnodes-core's encoders recurse, and a value nested
+#: ~500 deep set as a default would make every later save fail.
+MAX_DEPTH = 254
 
 
 def loads(payload):
     """
     Parse one client text frame into a message dict.
 
-    @raise MessageError: for text that is not a JSON object.
+    @raise MessageError: for text that is not a JSON object, or nested
+        deeper than L{MAX_DEPTH}.
     """
     try:
         message = orjson.loads(payload)
@@ -94,6 +103,13 @@ def loads(payload):
         raise MessageError(f"Invalid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise MessageError("A message must be a JSON object")
+    # Both checks run at C speed: few brackets, or orjson writes it back
+    # (what it parsed it can write, but for nesting).
+    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH:
+        try:
+            orjson.dumps(message)
+        except orjson.JSONEncodeError:
+            raise MessageError(f"Invalid JSON: nested deeper than {MAX_DEPTH} levels") from None
     return message
 
 

@@ -35,6 +35,9 @@ SUPPRESSED = frozenset(
     }
 )
 
+#: Parts of a saved WorkerState that must be objects when present.
+STATE_OBJECTS = ("backend", "meta", "view")
+
 DEFAULT_POS = (0, 0)
 DEFAULT_SIZE = (200, 250)
 
@@ -76,6 +79,8 @@ class Worker:
         self.viewdata = {"renderoptions": fn.config.FUNCNODES_RENDER_OPTIONS}
         self.progress_state = {"message": "", "status": "", "progress": 0, "blocking": False}
         self.save_requested = False
+        #: Why the last save failed (disk full...), None while saving works.
+        self.save_error = None
         self.on_activity = lambda: None
         self.stop = lambda: None
         self._later = []
@@ -158,18 +163,46 @@ class Worker:
 
         The state is serialized here, on the reactor, where the graph cannot
         change under us; the disk writes run in a thread, one save at a time.
+
+        A failed save (a full disk) leaves the previous file in place and the
+        save requested, so the save loop tries again every second; the first
+        failure is logged and shown to clients as an error C{progress}, and
+        the first success after it as a C{success} one.
         """
         self.save_requested = False
         payload = wire.dumps(self.save_state() if state is None else state)
         config = self.worker_json()
         self.config = config
-        return self._save_lock.run(
-            deferToThread, _write_saved, self.files, payload, config
-        )
+        d = self._save_lock.run(deferToThread, _write_saved, self.files, payload, config)
+        d.addCallbacks(self._saved, self._save_failed)
+        return d
+
+    def _saved(self, result):
+        if self.save_error is not None:
+            self.save_error = None
+            _log.info("Saving the worker state works again")
+            self.set_progress("Worker state saved", "success", 1, False)
+        return result
+
+    def _save_failed(self, failure):
+        self.save_requested = True
+        error = f"{type(failure.value).__name__}: {failure.value}"
+        if self.save_error is None:
+            _log.failure("Saving the worker state failed; retrying every second", failure)
+            self.set_progress(f"Saving failed, changes are not on disk: {error}", "error", 0, False)
+        self.save_error = error
+        return failure
 
     def _set_files_dir(self):
         self.files.files.mkdir(parents=True, exist_ok=True)
         self.nodespace.set_secret_property("files_dir", self.files.files.as_posix())
+
+    @property
+    def worker_dependencies(self):
+        """
+        Names of the modules whose external worker classes are offered.
+        """
+        return list(self.external.modules)
 
     def display_name(self):
         return self.name or self.uuid
@@ -242,9 +275,16 @@ class Worker:
         return config
 
     def set_runstate(self, state, detail=None):
+        """
+        Tell the manager how far we are. Only informational: a full disk
+        must not stop a shutdown halfway (before saving and closing).
+        """
         self.runstate = state
         text = state if detail is None else f"{state}\n{detail}"
-        persistence.write_text(self.files.runstate, text)
+        try:
+            persistence.write_text(self.files.runstate, text)
+        except OSError as exc:
+            _log.warn("Cannot write {path}: {error}", path=self.files.runstate, error=exc)
 
     def write_config(self):
         config = self.worker_json()
@@ -259,7 +299,13 @@ class Worker:
     def load(self, state):
         """
         Replace the graph with a saved WorkerState (PROTOCOL.md 12.2).
+
+        The parts are checked first: a C{view} that is no object would
+        otherwise stay behind and make every later save fail.
         """
+        for key in STATE_OBJECTS:  # falsy parts count as missing, as below
+            if state.get(key) and not isinstance(state[key], dict):
+                raise ValueError(f"{key} of a worker state must be an object")
         self.clear()
         backend = state.get("backend") or {"nodes": [], "edges": [], "prop": {}}
         meta = state.get("meta") or {}

@@ -262,6 +262,7 @@ async def test_package_dependency_offers_its_worker_classes(running):
     assert state["worker_dependencies"] == expected
     registration = running.worker.worker_json()
     assert registration["worker_dependencies"] == {"fn_example_external": expected[0]}
+    assert running.worker.worker_dependencies == ["fn_example_external"]
 
 
 @pytest_twisted.ensureDeferred

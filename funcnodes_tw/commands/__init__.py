@@ -55,13 +55,47 @@ def run(worker, name, kwargs):
     if not isinstance(kwargs, dict):
         raise InvalidArguments(f"kwargs of {name!r} must be an object")
     try:
-        cmd.signature.bind(worker, **kwargs)
+        bound = cmd.signature.bind(worker, **kwargs)
     except TypeError as exc:
         raise InvalidArguments(f"Invalid arguments for {name!r}: {exc}") from None
+    _check_types(name, cmd.signature, bound.arguments)
     d = aio.call(cmd.function, worker, **kwargs)
     if cmd.saves:
         d.addCallback(_saved, worker)
     return d
+
+
+#: Parameter annotations that are checked, and how errors name them.
+_KINDS = {str: "a string", dict: "an object", list: "an array", list[str]: "an array of strings"}
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", dict: "an object"}.get(type(value), "an array")
+
+
+def _check_types(name, signature, arguments):
+    """
+    Ids and objects of the wrong JSON type get a clear message here, not
+    "unhashable type: 'list'" from deep inside funcnodes-core.
+    """
+    for param, value in arguments.items():
+        kind = signature.parameters[param].annotation
+        if kind not in _KINDS:
+            continue
+        if kind == list[str]:
+            fits = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            fits = isinstance(value, kind)
+        if not fits:
+            raise InvalidArguments(
+                f"{param} of {name!r} must be {_KINDS[kind]}, not {_json_type(value)}"
+            )
 
 
 def _saved(result, worker):

@@ -22,13 +22,13 @@ def get_worker_dependencies(worker):
 
 
 @command(saves=True)
-def add_external_worker(worker, module, cls_module, cls_name):
+def add_external_worker(worker, module: str, cls_module: str, cls_name: str):
     cls = worker.external.offered_class(module, cls_module, cls_name)
     return worker.external.start(cls).serialize()
 
 
 @command(saves=True)
-def update_external_worker(worker, worker_id, class_id, name=None, config=None):
+def update_external_worker(worker, worker_id: str, class_id: str, name=None, config=None):
     """
     Rename an instance and/or merge C{config} into its config. Unlike the
     reference, the change is saved.
@@ -40,7 +40,7 @@ def update_external_worker(worker, worker_id, class_id, name=None, config=None):
 
 
 @command(saves=True)
-def remove_external_worker(worker, worker_id, class_id):
+def remove_external_worker(worker, worker_id: str, class_id: str):
     if class_id not in worker.external.instances:
         raise WorkerNotFound(f"No worker with id {class_id} and instance id {worker_id}")
     handle = _instance(worker, worker_id, class_id, f"No worker with instance id {worker_id}")
@@ -48,7 +48,7 @@ def remove_external_worker(worker, worker_id, class_id):
 
 
 @command
-def get_external_worker_config(worker, worker_id, class_id):
+def get_external_worker_config(worker, worker_id: str, class_id: str):
     handle = _instance(worker, worker_id, class_id, f"Worker {worker_id} ({class_id}) not found")
     config = handle.instance.config
     return {
@@ -59,7 +59,7 @@ def get_external_worker_config(worker, worker_id, class_id):
 
 
 @command
-def call_external_worker(worker, worker_id, class_id, method, kwargs=None):
+def call_external_worker(worker, worker_id: str, class_id: str, method: str, kwargs=None):
     """
     Run a method an L{funcnodes_tw.external.ExternalWorker} marked with
     C{@rpc} (not in the reference protocol).

@@ -91,5 +91,5 @@ async def _update(worker, config, state):
             await library.add_dependency(worker, name, (dep or {}).get("version"), sync=False)
         except Exception as exc:
             _log.error("Package {name} could not be added: {exc}", name=name, exc=exc)
-    worker.load(state)
+    worker.load(library.keep_io_ids(state))
     worker.worker_event("fullsync")

@@ -235,7 +235,9 @@ def keep_io_ids(state):
     placeholder and keeps its edges until its package is installed. Real
     nodes load the same either way.
     """
-    for node in ((state or {}).get("backend") or {}).get("nodes") or ():
+    backend = (state or {}).get("backend")
+    nodes = backend.get("nodes") if isinstance(backend, dict) else None
+    for node in nodes if isinstance(nodes, list) else ():
         ios = node.get("io") if isinstance(node, dict) else None
         for key, io in (ios if isinstance(ios, dict) else {}).items():
             if isinstance(io, dict):

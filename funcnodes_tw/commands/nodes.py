@@ -23,27 +23,27 @@ def _preview(value):
 
 
 @command(saves=True)
-def add_node(worker, id, **kwargs):
+def add_node(worker, id: str, **kwargs):
     return worker.nodespace.add_node_by_id(id, **kwargs)
 
 
 @command(saves=True)
-def remove_node(worker, id):
+def remove_node(worker, id: str):
     return worker.nodespace.remove_node_by_id(id)
 
 
 @command
-def get_node(worker, id):
+def get_node(worker, id: str):
     return _node(worker, id)
 
 
 @command
-def get_node_state(worker, nid):
+def get_node_state(worker, nid: str):
     return _node(worker, nid)._repr_json_()
 
 
 @command
-def get_node_status(worker, nid):
+def get_node_status(worker, nid: str):
     return _node(worker, nid).status()
 
 
@@ -64,19 +64,19 @@ def get_nodes(worker, with_frontend=False):
 
 
 @command
-def trigger_node(worker, nid):
+def trigger_node(worker, nid: str):
     _node(worker, nid).request_trigger()
     return True
 
 
 @command
-def request_trigger(worker, nid):
+def request_trigger(worker, nid: str):
     _node(worker, nid).request_trigger()
     return True
 
 
 @command(saves=True)
-def update_node(worker, nid, data):
+def update_node(worker, nid: str, data: dict):
     node = _node(worker, nid)
     applied = {}
     for key, value in (data.get("properties") or {}).items():
@@ -94,7 +94,7 @@ def update_node(worker, nid, data):
 
 
 @command(saves=True)
-def update_node_view(worker, nid, data):
+def update_node_view(worker, nid: str, data: dict):
     set_node_view(_node(worker, nid), data)
 
 
@@ -103,7 +103,7 @@ def update_node_view(worker, nid, data):
 
 
 @command
-def set_io_value(worker, nid, ioid, value, set_default=False):
+def set_io_value(worker, nid: str, ioid: str, value, set_default=False):
     io = _node(worker, nid).get_input(ioid)
     if set_default:
         io.set_default(value)
@@ -113,18 +113,18 @@ def set_io_value(worker, nid, ioid, value, set_default=False):
 
 
 @command(saves=True)
-def set_default_value(worker, nid, ioid, value):
+def set_default_value(worker, nid: str, ioid: str, value):
     _node(worker, nid).get_input(ioid).set_default(value)
     return True
 
 
 @command
-def get_io_value(worker, nid, ioid):
+def get_io_value(worker, nid: str, ioid: str):
     return _preview(_node(worker, nid).get_input_or_output(ioid).value)
 
 
 @command
-def get_ios_values(worker, nid):
+def get_ios_values(worker, nid: str):
     node = _node(worker, nid)
     values = {ioid: _preview(io.value) for ioid, io in node.inputs.items()}
     values.update({ioid: _preview(io.value) for ioid, io in node.outputs.items()})
@@ -132,12 +132,12 @@ def get_ios_values(worker, nid):
 
 
 @command
-def get_io_full_value(worker, nid, ioid):
+def get_io_full_value(worker, nid: str, ioid: str):
     return ByteEncoder.encode(_node(worker, nid).get_input_or_output(ioid).value, preview=False)
 
 
 @command(saves=True)
-def update_io_options(worker, nid, ioid, name=None, hidden=None):
+def update_io_options(worker, nid: str, ioid: str, name=None, hidden=None):
     io = _node(worker, nid).get_input_or_output(ioid)
     if name is not None:
         io.name = name or io.uuid
@@ -147,7 +147,7 @@ def update_io_options(worker, nid, ioid, name=None, hidden=None):
 
 
 @command(saves=True)
-def update_io_value_options(worker, nid, ioid, options):
+def update_io_value_options(worker, nid: str, ioid: str, options: dict):
     io = _node(worker, nid).get_input_or_output(ioid)
     io.update_value_options(**options)
     return io
@@ -165,13 +165,13 @@ def _ios(worker, src_nid, src_ioid, trg_nid, trg_ioid):
 
 
 @command(saves=True)
-def add_edge(worker, src_nid, src_ioid, trg_nid, trg_ioid, replace=False):
+def add_edge(worker, src_nid: str, src_ioid: str, trg_nid: str, trg_ioid: str, replace=False):
     source, target = _ios(worker, src_nid, src_ioid, trg_nid, trg_ioid)
     return source.connect(target, replace=replace)
 
 
 @command(saves=True)
-def remove_edge(worker, src_nid, src_ioid, trg_nid, trg_ioid):
+def remove_edge(worker, src_nid: str, src_ioid: str, trg_nid: str, trg_ioid: str):
     source, target = _ios(worker, src_nid, src_ioid, trg_nid, trg_ioid)
     source.disconnect(target)
     return True
@@ -187,7 +187,7 @@ def get_edges(worker):
 
 
 @command(saves=True)
-def group_nodes(worker, node_ids, group_ids):
+def group_nodes(worker, node_ids: list[str], group_ids: list[str]):
     worker.nodespace.groups.group_together(node_ids, group_ids)
     return worker.nodespace.groups.get_all_groups()
 
@@ -198,7 +198,7 @@ def get_groups(worker):
 
 
 @command(saves=True)
-def update_group(worker, gid, data):
+def update_group(worker, gid: str, data: dict):
     group = worker.nodespace.groups.get_group(gid)
     if not group:
         raise ValueError(f"Group with id {gid} not found")
@@ -211,7 +211,7 @@ def update_group(worker, gid, data):
 
 
 @command(saves=True)
-def remove_group(worker, gid):
+def remove_group(worker, gid: str):
     worker.nodespace.groups.remove_group(gid)
     return True
 

@@ -2,7 +2,7 @@
 Commands about the worker itself: identity, configuration, saved state.
 """
 
-from funcnodes_tw.commands import command
+from funcnodes_tw.commands import command, library
 
 AUTOSTART = ("never", "always", "unless-stopped")
 
@@ -99,7 +99,8 @@ def save(worker):
 def load_data(worker, data):
     if not isinstance(data, dict):
         raise ValueError("data must be a worker state object")
-    worker.load(data)
+    # As at startup: nodes whose package is missing keep their IO ids and edges.
+    worker.load(library.keep_io_ids(data))
     worker.worker_event("fullsync")
 
 
