@@ -6,17 +6,20 @@ order), but pings are answered at once, even while a slow command runs, so
 the UI never marks a busy worker as unresponsive.
 """
 
+from collections import deque
+
 from autobahn.twisted.websocket import (
     ConnectionDeny,
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
 from funcnodes_tw import __version__, wire
 from funcnodes_tw.outbox import Outbox
 
+#: Commands a client may queue behind a slow one before it gets errors.
+MAX_WAITING_COMMANDS = 1000
 #: Close code for a client that fell too far behind (application range).
 CLOSE_TOO_SLOW = 4008
 
@@ -37,7 +40,8 @@ class WorkerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin not allowed")
 
     def onOpen(self):
-        self._tail = succeed(None)
+        self._commands = deque()
+        self._busy = False
         self.outbox = Outbox(self._write, self.factory.max_client_queue, self._too_slow)
         if getattr(self.transport, "producer", None) is not None:
             # Twisted Web's HTTPChannel, left behind when the WebSocket took over.
@@ -51,11 +55,29 @@ class WorkerProtocol(WebSocketServerProtocol):
             error = wire.MessageError("Binary frames are not accepted; send JSON text")
             self.factory.hub.send(self, wire.error(error, None))
             return
-        dispatcher = self.factory.dispatcher
-        message = dispatcher.parse(self, payload)
-        if message is not None:
-            self._tail.addCallback(lambda _: dispatcher.run(self, message))
-            self._tail.addErrback(lambda f: self._log.failure("Replying failed", f))
+        message = self.factory.dispatcher.parse(self, payload)
+        if message is None:
+            return
+        if len(self._commands) >= MAX_WAITING_COMMANDS:
+            error = wire.MessageError("Too many commands waiting; wait for replies")
+            self.factory.hub.send(self, wire.error(error, message.get("id")))
+            return
+        self._commands.append(message)
+        if not self._busy:
+            self._run_commands()
+
+    def _run_commands(self, _=None):
+        """
+        Run waiting commands in order: at once while they finish at once,
+        and the next one only when a slow one has replied.
+        """
+        self._busy = False
+        while self._commands:
+            d = self.factory.dispatcher.run(self, self._commands.popleft())
+            if d is not None and not d.called:
+                self._busy = True
+                d.addBoth(self._run_commands)
+                return
 
     def onClose(self, wasClean, code, reason):
         # Autobahn leaves the timer of a closing handshake we started (1002,

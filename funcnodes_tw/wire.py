@@ -6,6 +6,7 @@ real clients keep working; only the encoder is faster (orjson, with
 funcnodes-core's encoders as the fallback for objects it does not know).
 """
 
+import itertools
 import json
 import traceback
 import uuid
@@ -168,6 +169,21 @@ def _header_value(value):
     return str(value).replace(";", ",").replace("\r", " ").replace("\n", " ")
 
 
+def _msgids():
+    """
+    Unique, uuid-shaped frame ids: a random prefix per process and a counter,
+    instead of a uuid4 per frame (3 % of a busy worker's time).
+    """
+    prefix = uuid.uuid4().hex
+    return (
+        f"{prefix[:8]}-{prefix[8:12]}-4{prefix[13:16]}-8{prefix[17:20]}-{n:012x}"
+        for n in itertools.count()
+    )
+
+
+_MSGIDS = _msgids()
+
+
 def binary_frames(payload, header, max_frame=None):
     """
     Split C{payload} into binary WebSocket frames with the reference's header.
@@ -180,7 +196,7 @@ def binary_frames(payload, header, max_frame=None):
         "; ".join(f"{key}={_header_value(value)}" for key, value in header.items())
         + "\r\n\r\n"
     ).encode("utf-8")
-    msgid = uuid.uuid4()
+    msgid = next(_MSGIDS)
     if max_frame is None:
         return [f"chunk=1/1;msgid={msgid};".encode("ascii") + body + payload]
     room = max_frame - len(body) - len(f"chunk=99999/99999;msgid={msgid};")

@@ -287,7 +287,7 @@ def add_command(monkeypatch, function):
     """
     Register C{function} as a command for this test only.
     """
-    cmd = commands.Command(function, False, inspect.signature(function))
+    cmd = commands.Command.of(function, False)
     monkeypatch.setitem(commands.COMMANDS, function.__name__, cmd)
 
 

@@ -170,7 +170,7 @@ def slow(monkeypatch):
 
 
 def _command(function):
-    return commands.Command(function, False, commands.inspect.signature(function))
+    return commands.Command.of(function, False)
 
 
 def cmd(name, msgid=None, **kwargs):

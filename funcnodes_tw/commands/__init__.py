@@ -20,11 +20,41 @@ class InvalidArguments(TypeError):
     pass
 
 
+#: Parameter annotations that are checked, and how errors name them.
+_KINDS = {str: "a string", dict: "an object", list: "an array", list[str]: "an array of strings"}
+
+
 @dataclass(frozen=True)
 class Command:
     function: object
     saves: bool
     signature: inspect.Signature
+    #: Argument names a client may send, those it must send, and whether
+    #: the command takes any others (C{**kwargs}): checked without binding.
+    names: frozenset
+    required: frozenset
+    open: bool
+    #: Arguments whose JSON type is checked, with their annotation.
+    checks: tuple
+
+    @classmethod
+    def of(cls, function, saves):
+        signature = inspect.signature(function)
+        params = list(signature.parameters.values())[1:]  # after the worker
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return cls(
+            function,
+            saves,
+            signature,
+            frozenset(p.name for p in params if p.kind in keyword),
+            frozenset(p.name for p in params if p.kind in keyword and p.default is p.empty),
+            any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params),
+            tuple((p.name, p.annotation) for p in params if p.annotation in _KINDS),
+        )
+
+    def fits(self, kwargs):
+        keys = kwargs.keys()
+        return self.required <= keys and (self.open or keys <= self.names)
 
 
 COMMANDS = {}
@@ -32,7 +62,7 @@ COMMANDS = {}
 
 def command(function=None, *, saves=False):
     def register(function):
-        COMMANDS[function.__name__] = Command(function, saves, inspect.signature(function))
+        COMMANDS[function.__name__] = Command.of(function, saves)
         return function
 
     return register if function is None else register(function)
@@ -54,19 +84,18 @@ def run(worker, name, kwargs):
         kwargs = {}
     if not isinstance(kwargs, dict):
         raise InvalidArguments(f"kwargs of {name!r} must be an object")
-    try:
-        bound = cmd.signature.bind(worker, **kwargs)
-    except TypeError as exc:
-        raise InvalidArguments(f"Invalid arguments for {name!r}: {exc}") from None
-    _check_types(name, cmd.signature, bound.arguments)
+    if not cmd.fits(kwargs):
+        try:
+            cmd.signature.bind(worker, **kwargs)  # for its precise message
+        except TypeError as exc:
+            raise InvalidArguments(f"Invalid arguments for {name!r}: {exc}") from None
+        raise InvalidArguments(f"Invalid arguments for {name!r}")
+    _check_types(name, cmd.checks, kwargs)
     d = aio.call(cmd.function, worker, **kwargs)
     if cmd.saves:
         d.addCallback(_saved, worker)
     return d
 
-
-#: Parameter annotations that are checked, and how errors name them.
-_KINDS = {str: "a string", dict: "an object", list: "an array", list[str]: "an array of strings"}
 
 
 def _json_type(value):
@@ -79,15 +108,15 @@ def _json_type(value):
     return {str: "a string", dict: "an object"}.get(type(value), "an array")
 
 
-def _check_types(name, signature, arguments):
+def _check_types(name, checks, arguments):
     """
     Ids and objects of the wrong JSON type get a clear message here, not
     "unhashable type: 'list'" from deep inside funcnodes-core.
     """
-    for param, value in arguments.items():
-        kind = signature.parameters[param].annotation
-        if kind not in _KINDS:
+    for param, kind in checks:
+        if param not in arguments:
             continue
+        value = arguments[param]
         if kind == list[str]:
             fits = isinstance(value, list) and all(isinstance(v, str) for v in value)
         else:
