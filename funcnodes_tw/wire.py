@@ -13,7 +13,7 @@ import uuid
 
 import orjson
 import pybase64
-from funcnodes_core import ByteEncoder, BytesEncdata, JSONEncoder
+from funcnodes_core import ByteEncoder, BytesEncdata, JSONEncoder, Node
 
 _OPTIONS = (
     orjson.OPT_NON_STR_KEYS
@@ -44,6 +44,9 @@ def _default(obj):
         return _base64(obj)
     if kind is BytesEncdata and type(obj.data) is bytes:
         return {"data": _base64(obj.data), "handeled": obj.handeled, "mime": obj.mime}
+    if isinstance(obj, Node):
+        # What its _repr_json_ gives, without funcnodes-core's recursive walk.
+        return obj.full_serialize(with_io_values=False)
     return JSONEncoder.apply_custom_encoding(obj, preview=False)
 
 

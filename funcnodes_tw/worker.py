@@ -10,6 +10,7 @@ import os
 from uuid import uuid4
 
 import funcnodes_core as fn
+import orjson
 from funcnodes_core.utils import saving
 from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThread
@@ -84,6 +85,7 @@ class Worker:
         self.on_activity = lambda: None
         self.stop = lambda: None
         self._later = []
+        self._library = None
         self._save_lock = DeferredLock()
         self.nodespace = fn.NodeSpace()
         self.nodespace.on("*", self._on_nodespace_event)
@@ -149,7 +151,31 @@ class Worker:
         self.send_later(self.send, wire.error_event(error, self.debug))
 
     def _on_lib_event(self, event, **data):
+        self._library = None
         self.send_later(self.worker_event, "lib_update")
+
+    def library_json(self):
+        """
+        The library, encoded: most of C{full_state} and all of C{get_library},
+        and unchanged until a library event says otherwise.
+        """
+        if self._library is None:
+            self._library = orjson.Fragment(wire.dumps(self.nodespace.lib.full_serialize()))
+        return self._library
+
+    def backend_state(self):
+        """
+        C{full_state}'s C{backend}, as funcnodes-core encodes a NodeSpace, but
+        built from each node's own dict so that orjson, not funcnodes-core's
+        recursive Python encoder, walks it.
+        """
+        nodespace = self.nodespace
+        return {
+            "nodes": [node.full_serialize(with_io_values=False) for node in nodespace.nodes],
+            "prop": nodespace._properties,
+            "lib": self.library_json(),
+            "edges": nodespace.serialize_edges(),
+        }
 
     # endregion
     # region state

@@ -22,7 +22,7 @@ _log = Logger()
 
 @command
 def get_library(worker):
-    return worker.nodespace.lib.full_serialize()
+    return worker.library_json()
 
 
 def _module_name(src):

@@ -72,7 +72,7 @@ def view_state(worker):
 @command
 def full_state(worker):
     return {
-        "backend": worker.nodespace,
+        "backend": worker.backend_state(),
         "view": worker.view_state(),
         "worker": worker.external.running_ids(),
         "worker_dependencies": worker.external.dependencies(),
