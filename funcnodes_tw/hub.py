@@ -56,9 +56,7 @@ class Hub:
         targets = self._listeners() if client is None else [client]
         if not targets:
             return  # nobody to tell: do not encode it, nor park it as a large message
-        payload = self._fit(wire.dumps(message))
-        for target in targets:
-            target.send_text(payload)
+        _fan_out(targets, self._fit(wire.dumps(message)), False)
 
     def broadcast(self, message):
         self.send(None, message)
@@ -68,13 +66,15 @@ class Hub:
         Send bytes with the reference's header, chunked only when a frame
         limit is configured (the real UI cannot reassemble chunks).
         """
+        targets = self._listeners() if client is None else [client]
+        if not targets:
+            return
         frames = wire.binary_frames(payload, header, self.max_binary_frame)
         key = None
         if header.get("type") == "io_value" and len(frames) == 1:
             key = (header.get("node"), header.get("io"))
-        for target in self._listeners() if client is None else [client]:
-            for frame in frames:
-                target.send_binary(frame, key)
+        for frame in frames:
+            _fan_out(targets, frame, True, key)
 
     def broadcast_binary(self, payload, header):
         self.send_binary(None, payload, header)
@@ -90,3 +90,18 @@ class Hub:
         for client in list(self.clients):
             client.going_away(reason)
         return d.addTimeout(timeout, clock, onTimeoutCancel=lambda result, timeout: None)
+
+
+def _fan_out(targets, payload, is_binary, key=None):
+    """
+    Hand one message to its clients; for several, frame it only once.
+    """
+    if len(targets) == 1:
+        if is_binary:
+            targets[0].send_binary(payload, key)
+        else:
+            targets[0].send_text(payload)
+        return
+    prepared = targets[0].factory.prepareMessage(payload, isBinary=is_binary)
+    for target in targets:
+        target.send_prepared(prepared, len(payload), key)

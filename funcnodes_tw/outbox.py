@@ -19,32 +19,37 @@ from zope.interface import implementer
 class Outbox:
     def __init__(self, write, limit, overflow):
         """
-        @param write: C{write(payload, is_binary)} sends one message now.
+        @param write: C{write(item, kind)} sends one message now.
         @param overflow: called once when more than C{limit} bytes wait.
         """
         self._write = write
         self.limit = limit
         self._overflow = overflow
-        self._queue = deque()  # [payload or None once sent/superseded, is_binary]
+        self._queue = deque()  # [item or None once sent/superseded, kind, size]
         self._latest = {}  # key -> its waiting entry
         self.size = 0
         self.paused = False
         self.overflowed = False
 
-    def put(self, payload, is_binary, key=None):
+    def put(self, item, kind, key=None, size=None):
+        """
+        Send C{item} (bytes, or what C{write} knows how to send with C{kind})
+        or let it wait; C{size} defaults to C{len(item)}.
+        """
         if self.overflowed:
             return
         if not self.paused and not self._queue:
-            self._write(payload, is_binary)
+            self._write(item, kind)
             return
+        size = len(item) if size is None else size
         if key is not None:
             superseded = self._latest.get(key)
             if superseded is not None and superseded[0] is not None:
-                self.size -= len(superseded[0])
+                self.size -= superseded[2]
                 superseded[0] = None
-        entry = [payload, is_binary]
+        entry = [item, kind, size]
         self._queue.append(entry)
-        self.size += len(payload)
+        self.size += size
         if key is not None:
             self._latest[key] = entry
         if self.size > self.limit:
@@ -59,10 +64,10 @@ class Outbox:
         self.paused = False
         while self._queue and not self.paused:
             entry = self._queue.popleft()
-            payload, entry[0] = entry[0], None
-            if payload is not None:
-                self.size -= len(payload)
-                self._write(payload, entry[1])
+            item, entry[0] = entry[0], None
+            if item is not None:
+                self.size -= entry[2]
+                self._write(item, entry[1])
         if not self._queue:
             self._latest.clear()
 

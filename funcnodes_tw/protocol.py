@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from funcnodes_tw import __version__, wire
 from funcnodes_tw.outbox import Outbox
 
+#: The outbox kind of a message framed once for several clients.
+PREPARED = "prepared"
 #: Commands a client may queue behind a slow one before it gets errors.
 MAX_WAITING_COMMANDS = 1000
 #: Close code for a client that fell too far behind (application range).
@@ -103,15 +105,30 @@ class WorkerProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.outbox.put(payload, True, key)
 
-    def _write(self, payload, is_binary):
+    def send_prepared(self, prepared, size, key=None):
+        """
+        Send a message framed once for several clients (a broadcast).
+        """
         if self.state == self.STATE_OPEN:
+            self.outbox.put(prepared, PREPARED, key, size)
+
+    def _write(self, item, kind):
+        """
+        Send one message: bytes as text (C{kind} False) or binary (True), or
+        a prepared message (L{PREPARED}).
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        if kind is PREPARED:
+            self.sendPreparedMessage(item)
+        else:
             # Autobahn's maxMessagePayloadSize caps outgoing messages too, but the
             # limit is for what clients send (the reference's aiohttp max_msg_size
             # is inbound only): big text is already a large_message pointer, and
             # big binary values have no fallback, so lift the cap while sending.
             limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
             try:
-                self.sendMessage(payload, isBinary=is_binary)
+                self.sendMessage(item, isBinary=kind)
             finally:
                 self.maxMessagePayloadSize = limit
 
