@@ -76,7 +76,13 @@ class WorkerProtocol(WebSocketServerProtocol):
         self._busy = False
         while self._commands:
             d = self.factory.dispatcher.run(self, self._commands.popleft())
-            if d is not None and not d.called:
+            if d is None:
+                continue
+            # Not d.called: a Deferred paused on an inner one (DeferredLock.run
+            # in save, export_worker) is called before its reply is sent.
+            replied = []
+            d.addBoth(lambda result: replied.append(True) or result)
+            if not replied:
                 self._busy = True
                 d.addBoth(self._run_commands)
                 return

@@ -327,11 +327,21 @@ class Worker:
         Replace the graph with a saved WorkerState (PROTOCOL.md 12.2).
 
         The parts are checked first: a C{view} that is no object would
-        otherwise stay behind and make every later save fail.
+        otherwise stay behind and make every later save fail. A state that
+        fails halfway puts the previous graph back, so that the next save
+        cannot write a cleared one over the user's file.
         """
         for key in STATE_OBJECTS:  # falsy parts count as missing, as below
             if state.get(key) and not isinstance(state[key], dict):
                 raise ValueError(f"{key} of a worker state must be an object")
+        previous = self.save_state()
+        try:
+            self._replace(state)
+        except Exception:
+            self._replace(previous)
+            raise
+
+    def _replace(self, state):
         self.clear()
         backend = state.get("backend") or {"nodes": [], "edges": [], "prop": {}}
         meta = state.get("meta") or {}

@@ -248,7 +248,8 @@ def test_kwargs_that_are_not_an_object(probe):
 
 #: (command, kwargs, text the error must contain)
 WRONG_ARGUMENTS = [
-    ("uuid", {"bogus": 1}, "Invalid arguments for 'uuid': got an unexpected keyword argument 'bogus'"),
+    ("uuid", {"bogus": 1},
+     "Invalid arguments for 'uuid': got an unexpected keyword argument 'bogus'"),
     ("get_node", {}, "Invalid arguments for 'get_node': missing a required argument: 'id'"),
     ("add_edge", {"src_nid": "a"}, "missing a required argument: 'src_ioid'"),
     ("set_io_value", {"nid": "x", "ioid": "a"}, "missing a required argument: 'value'"),
@@ -262,7 +263,8 @@ WRONG_ARGUMENTS = [
     ("get_plugin_keys", {"type": "vue"}, "Plugin type vue not found"),
     ("call_external_worker", {"worker_id": "1", "class_id": "2", "method": "m", "kwargs": []},
      "kwargs must be an object"),
-    ("update_external_worker", {"worker_id": "1", "class_id": "2", "config": 3}, "config must be an object"),
+    ("update_external_worker", {"worker_id": "1", "class_id": "2", "config": 3},
+     "config must be an object"),
     ("reload_local_scripts", {}, "Local scripts are disabled"),
 ]
 
@@ -295,13 +297,18 @@ def test_wrongly_typed_ids_of_nodes_and_ios(probe):
         ("remove_node", {"id": ["x"]}, "id of 'remove_node' must be a string, not an array"),
         ("get_io_value", {"nid": nid, "ioid": 5}, "ioid of 'get_io_value' must be a string"),
         ("get_io_value", {"nid": nid, "ioid": "nope"}, "nope not found"),
-        ("set_io_value", {"nid": [nid], "ioid": "a", "value": 1}, "nid of 'set_io_value' must be a string"),
-        ("set_default_value", {"nid": nid, "ioid": {"x": 1}, "value": 1}, "ioid of 'set_default_value' must be"),
+        ("set_io_value", {"nid": [nid], "ioid": "a", "value": 1},
+         "nid of 'set_io_value' must be a string"),
+        ("set_default_value", {"nid": nid, "ioid": {"x": 1}, "value": 1},
+         "ioid of 'set_default_value' must be"),
         ("add_edge", {"src_nid": nid, "src_ioid": "out", "trg_nid": 1.5, "trg_ioid": "a"},
          "trg_nid of 'add_edge' must be a string, not a number"),
-        ("remove_edge", {"src_nid": nid, "src_ioid": "out", "trg_nid": nid, "trg_ioid": "zz"}, "zz"),
-        ("update_node", {"nid": nid, "data": "name"}, "data of 'update_node' must be an object, not a string"),
-        ("update_node_view", {"nid": nid, "data": 5}, "data of 'update_node_view' must be an object"),
+        ("remove_edge", {"src_nid": nid, "src_ioid": "out", "trg_nid": nid, "trg_ioid": "zz"},
+         "zz"),
+        ("update_node", {"nid": nid, "data": "name"},
+         "data of 'update_node' must be an object, not a string"),
+        ("update_node_view", {"nid": nid, "data": 5},
+         "data of 'update_node_view' must be an object"),
         ("update_io_value_options", {"nid": nid, "ioid": "a", "options": [1]},
          "options of 'update_io_value_options' must be an object, not an array"),
         ("update_group", {"gid": "nope", "data": {}}, "Group with id nope not found"),
@@ -309,11 +316,13 @@ def test_wrongly_typed_ids_of_nodes_and_ios(probe):
         ("remove_group", {"gid": {}}, "gid of 'remove_group' must be a string, not an object"),
         ("group_nodes", {"node_ids": [[nid]], "group_ids": []},
          "node_ids of 'group_nodes' must be an array of strings"),
-        ("group_nodes", {"node_ids": [nid], "group_ids": 5}, "group_ids of 'group_nodes' must be an array"),
+        ("group_nodes", {"node_ids": [nid], "group_ids": 5},
+         "group_ids of 'group_nodes' must be an array"),
         ("add_node", {"id": 5}, "id of 'add_node' must be a string"),
         ("add_node", {"id": ["add_node"]}, "must be a string, not an array"),
         ("add_node", {"id": "no.such.node"}, "no.such.node"),
-        ("get_io_full_value", {"nid": nid, "ioid": None}, "ioid of 'get_io_full_value' must be a string, not null"),
+        ("get_io_full_value", {"nid": nid, "ioid": None},
+         "ioid of 'get_io_full_value' must be a string, not null"),
         ("get_external_worker_config", {"worker_id": {}, "class_id": []}, "worker_id of"),
         ("call_external_worker", {"worker_id": "w", "class_id": "c", "method": True},
          "method of 'call_external_worker' must be a string, not a boolean"),
@@ -336,7 +345,9 @@ def test_state_with_missing_node_classes(probe):
     """
     p = yield probe()
     other = yield p.client.call("add_node", id="add_node")
-    yield p.client.call("add_edge", src_nid=p.nid, src_ioid="out", trg_nid=other["id"], trg_ioid="a")
+    yield p.client.call(
+        "add_edge", src_nid=p.nid, src_ioid="out", trg_nid=other["id"], trg_ioid="a"
+    )
     state = yield p.client.call("get_save_state")
     yield p.client.call("remove_shelf", src="funcnodes_basic")
     yield p.client.call("load_data", data=state)
@@ -401,7 +412,8 @@ def test_integer_ids_beyond_64_bits_come_back_as_floats(probe):
     rounded. The real clients use UUID strings.
     """
     p = yield probe()
-    (reply,) = yield p.replies_to(b'{"type": "cmd", "cmd": "uuid", "id": 123456789012345678901234567890}')
+    payload = b'{"type": "cmd", "cmd": "uuid", "id": 123456789012345678901234567890}'
+    (reply,) = yield p.replies_to(payload)
     assert reply["id"] == pytest.approx(1.2345678901234568e29)
     assert isinstance(reply["id"], float)
     yield p.check_alive()
@@ -421,7 +433,8 @@ def test_huge_id(probe):
     assert hint["type"] == "large_message"
     response = yield p.worker.http.get(p.worker.url(f"/message/{hint['msg_id']}"))
     assert response.code == 200
-    assert json.loads((yield response.content())) == {"type": "result", "result": "http_bad", "id": msgid}
+    parked = json.loads((yield response.content()))
+    assert parked == {"type": "result", "result": "http_bad", "id": msgid}
     # And as the id of an error.
     (hint,) = yield p.replies_to(json.dumps({"type": "cmd", "cmd": "nope", "id": msgid}).encode())
     response = yield p.worker.http.get(p.worker.url(f"/message/{hint['msg_id']}"))
@@ -445,7 +458,8 @@ def test_deep_nesting_is_refused_clearly(probe):
     p = yield probe()
     for where in ("kwargs", "id"):
         if where == "kwargs":
-            text = '{"type": "cmd", "cmd": "set_io_value", "id": "deep", "kwargs": {"nid": "%s", "ioid": "a", "value": %s}}'
+            text = ('{"type": "cmd", "cmd": "set_io_value", "id": "deep", '
+                    '"kwargs": {"nid": "%s", "ioid": "a", "value": %s}}')
             payload = (text % (p.nid, nested(10_000))).encode()
         else:
             payload = ('{"type": "cmd", "cmd": "uuid", "id": %s}' % nested(10_000)).encode()
@@ -564,9 +578,9 @@ def test_everything_on_one_connection(probe):
     keeps working throughout.
     """
     p = yield probe()
+    deep = ('{"type": "cmd", "cmd": "uuid", "kwargs": {"x": %s}}' % nested(10_000)).encode()
     for payload in (b"{", b"[]", b"null", b'{"type": "cmd"}', b'{"type": "cmd", "cmd": 1}',
-                    b'{"type": "cmd", "cmd": "uuid", "kwargs": []}',
-                    ('{"type": "cmd", "cmd": "uuid", "kwargs": {"x": %s}}' % nested(10_000)).encode()):
+                    b'{"type": "cmd", "cmd": "uuid", "kwargs": []}', deep):
         assert len((yield p.replies_to(payload))) == 1
         assert (yield p.client.call("uuid")) == "http_bad"
     assert not p.client.is_closed
