@@ -547,7 +547,8 @@ def _check(report: dict, clients: List[dict], pairs: List[tuple], sets: int,
         if not c.get("marker_seen"):
             problems.append(f"{c['name']}: never saw the final node_added")
     report["totals"] = dict(totals)
-    report["commands_per_second"] = totals["answered"] / report["seconds"] if report["seconds"] else 0
+    seconds = report["seconds"]
+    report["commands_per_second"] = totals["answered"] / seconds if seconds else 0
     # Text events: every client must have the same count of each.
     names = sorted({name for c in clients for name in c["events"]})
     events, lost = {}, 0
@@ -620,7 +621,8 @@ def summary(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.load",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int,
                         default=int(os.environ.get("FUNCNODES_TW_LOAD_CLIENTS", 50)))

@@ -315,8 +315,11 @@ async def soak(minutes: float, interval: float, scale: float, keep: bool,
               f"{minutes:g} min, RSS every {interval:g} s", file=sys.stderr, flush=True)
         report = await Soak(worker, minutes * 60, interval, scale, actors).run()
     finally:
-        await worker.stop()
+        t0 = time.perf_counter()
+        await worker.stop()  # SIGTERM; SIGKILL if not gone after 10 s
+        stop_seconds = time.perf_counter() - t0
     report["worker_exit_code"] = worker.proc.returncode
+    report["stop_seconds"] = stop_seconds
     report["actors"] = list(actors)
     report["run_dir"] = str(run_dir)
     if not keep:
@@ -338,7 +341,7 @@ def summary(report: Dict) -> str:
         f"nodes removed {s.get('nodes_removed', 0)}, large messages {s.get('large_messages', 0)}, "
         f"uploads {s.get('uploads', 0)}; errors {s.get('errors', 0)}, timeouts "
         f"{s.get('timeouts', 0)}, actors restarted {s.get('actors_restarted', 0)}; "
-        f"worker exit code {report['worker_exit_code']}"
+        f"worker exit code {report['worker_exit_code']} after {report['stop_seconds']:.1f} s"
     )
     lines += [f"  {f}" for f in report["failures"][:20]]
     return "\n".join(lines)

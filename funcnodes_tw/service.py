@@ -221,25 +221,33 @@ class WorkerService(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
+        """
+        Save, tell the clients, close them and stop the children; whatever
+        fails on the way is logged and the worker's files are removed anyway.
+        """
         worker = self.worker
         systemd.notify("STOPPING=1")
-        worker.worker_event("stopping")
-        worker.set_runstate("stopped")
-        if self._startup_call is not None and self._startup_call.active():
-            self._startup_call.cancel()
-            self.startup_jobs.callback(None)
-        await packages.installer_for(worker).close()
         try:
-            await worker.save()
+            worker.worker_event("stopping")
+            worker.set_runstate("stopped")
+            if self._startup_call is not None and self._startup_call.active():
+                self._startup_call.cancel()
+                self.startup_jobs.callback(None)
+            await packages.installer_for(worker).close()
+            try:
+                await worker.save()
+            except Exception:
+                _log.failure("Saving on shutdown failed")
+            await self.hub.close_all("Server shutting down", self.clock, CLOSE_TIMEOUT)
+            self.store.clear()
+            await super().stopService()
         except Exception:
-            _log.failure("Saving on shutdown failed")
-        await self.hub.close_all("Server shutting down", self.clock, CLOSE_TIMEOUT)
-        self.store.clear()
-        await super().stopService()
-        persistence.remove(worker.files.process)
-        persistence.remove(worker.files.runstate)
-        _log.info("Worker {uuid} stopped", uuid=worker.uuid)
-        self.log.stop()
+            _log.failure("Stopping the worker failed")
+        finally:
+            persistence.remove(worker.files.process)
+            persistence.remove(worker.files.runstate)
+            _log.info("Worker {uuid} stopped", uuid=worker.uuid)
+            self.log.stop()
 
 
 def create(uuid, data_path=None, name=None, clock=None, workers_dir=None, settings=None, **values):

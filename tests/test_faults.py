@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -29,7 +28,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-import fault_nodes
 from funcnodes_tw import persistence
 from test_http import Running, sleep
 from test_process import (
@@ -193,6 +191,8 @@ class RawClient(Protocol):
             return
         self.head += data
         if b"\r\n\r\n" in self.head:
+            self.head, _, rest = self.head.partition(b"\r\n\r\n")
+            self.received += len(rest)  # a first ping may come with the 101
             status = self.head.split(b"\r\n", 1)[0]
             if b" 101 " in status:
                 self.upgraded.callback(None)
@@ -341,7 +341,8 @@ def is_event(name, node=None):
 def is_value(node, io):
     def match(msg):
         header = msg.get("header", {}) if msg.get("binary") else {}
-        return header.get("type") == "io_value" and (header.get("node"), header.get("io")) == (node, io)
+        key = (header.get("node"), header.get("io"))
+        return header.get("type") == "io_value" and key == (node, io)
 
     return match
 
@@ -534,7 +535,9 @@ def disk_full(monkeypatch):
 
 def is_progress(status):
     def match(msg):
-        return isinstance(msg, dict) and msg.get("type") == "progress" and msg.get("status") == status
+        return (
+            isinstance(msg, dict) and msg.get("type") == "progress" and msg.get("status") == status
+        )
 
     return match
 
