@@ -306,8 +306,17 @@ class Listener(Service):
 
     def startService(self):
         super().startService()
-        self.listened = defer.Deferred.fromCoroutine(self._listen())
-        self.listened.addErrback(self.on_failure)
+        self.listened = defer.Deferred()
+        # Not before the reactor runs: only then are its signal handlers in
+        # place, and a SIGTERM right after READY must stop us cleanly.
+        self.reactor.callWhenRunning(self._start)
+
+    def _start(self):
+        if not self.running:
+            return
+        d = defer.Deferred.fromCoroutine(self._listen())
+        d.addErrback(self.on_failure)
+        d.chainDeferred(self.listened)
 
     async def _listen(self):
         error = None
