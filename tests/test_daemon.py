@@ -34,10 +34,10 @@ from test_process import (
     EXIT_TIMEOUT,
     START_TIMEOUT,
     TWISTD,
-    Child,
     child_env,
     free_port,
     launcher_argv,
+    spawn,  # noqa: F401  (the fixture)
     wait_gone,
     wait_ready,
     worker_argv,
@@ -55,35 +55,6 @@ SHUTDOWN_LIMIT = 5.0
 @pytest.fixture(autouse=True)
 def _clean(clean_reactor):
     yield
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    """
-    Start children (with extra environment variables if asked); teardown
-    kills whatever still runs and waits for it.
-    """
-    children = []
-
-    def start(name, argv, config_dir, env=None):
-        child = Child(name)
-        environment = child_env(config_dir)
-        environment.update(env or {})
-        child.transport = reactor.spawnProcess(
-            child, argv[0], argv, env=environment, path=str(tmp_path)
-        )
-        child.pid = child.transport.pid
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.running:
-            try:
-                child.transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
-            pytest_twisted.blockon(child.ended())
 
 
 def sleep(seconds):

@@ -114,14 +114,17 @@ def child_env(config_dir):
 @pytest.fixture
 def spawn(tmp_path):
     """
-    Start children; teardown kills whatever still runs and waits for it.
+    Start children (with extra environment variables if asked); teardown
+    kills whatever still runs and waits for it.
     """
     children = []
 
-    def start(name, argv, config_dir):
+    def start(name, argv, config_dir, env=None):
         child = Child(name)
+        environment = child_env(config_dir)
+        environment.update(env or {})
         child.transport = reactor.spawnProcess(
-            child, argv[0], argv, env=child_env(config_dir), path=str(tmp_path)
+            child, argv[0], argv, env=environment, path=str(tmp_path)
         )
         child.pid = child.transport.pid
         children.append(child)
