@@ -1,7 +1,7 @@
 """The ``isolation`` figure: how fast a worker answers while nodes work off its loop.
 
-Both workers load ``bench/isolation_nodes.py`` (``add_shelf``) and get a ``burn`` node
-(``separate_process=True``: pure-Python CPU work) and a ``nap`` node
+Both workers load the test suite's ``tests/isolation_nodes.py`` (``add_shelf``) and get
+a ``burn`` node (``separate_process=True``: pure-Python CPU work) and a ``nap`` node
 (``separate_thread=True``: ``time.sleep``). Per round, on a second WebSocket connection
 of its own (``autoping`` off), the bench sends a WebSocket ping every 10 ms: 0.5 s idle,
 then both nodes are triggered for 2 s each (``--quick``: 0.5 s) and pinging goes on
@@ -33,15 +33,15 @@ import aiohttp
 from bench.figures import Recorder, figure, percentile, tw_at_most
 from bench.harness import ROOT, Bench, Worker
 
-NODES = "bench.isolation_nodes"
+NODES = "isolation_nodes"
 PING_INTERVAL = 0.01
 IDLE = 0.5
 ROUNDS = 3
 
 
 def _pythonpath() -> str:
-    # The workers import bench.isolation_nodes (also in funcnodes_tw's pool processes).
-    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # The workers import isolation_nodes (also in funcnodes_tw's pool processes).
+    return os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
 
 
 class Pinger:
@@ -132,7 +132,7 @@ async def isolation(bench: Bench, cfg, out: Recorder):
         for w in bench.order(0):
             await w.client.call("add_shelf", timeout=120, src=NODES)
             nodes[w.side] = {
-                name: (await w.client.call("add_node", id=f"bench_isolation.{name}"))["id"]
+                name: (await w.client.call("add_node", id=f"isolation.{name}"))["id"]
                 for name in ("burn", "nap")
             }
             pingers[w.side] = await Pinger.open(w)
