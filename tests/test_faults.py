@@ -2,7 +2,7 @@
 Faults the worker must survive: clients that vanish or stop answering, nodes
 that raise, hang or eat memory, and a disk that fills up while saving.
 
-In-process workers (L{test_http.Running}) where the test needs to look inside
+In-process workers (L{test_http.Running}, through its C{start} fixture) where the test needs to look inside
 (the hub's clients, the save state, the log); real subprocesses where the
 process itself is the point (stopping with a hung node, a memory limit, a
 real full file system on a small tmpfs).
@@ -28,14 +28,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from funcnodes_tw import persistence
-from test_http import Running, sleep
+from test_http import sleep, start  # noqa: F401 (fixture)
 from test_process import (
     EXIT_TIMEOUT,
-    Child,
-    child_env,
     free_port,
     launcher_argv,
+    spawn,  # noqa: F401 (fixture)
     wait_ready,
     worker_argv,
     worker_files,
@@ -43,6 +41,8 @@ from test_process import (
 from wsclient import CommandError, connect
 
 TESTS = Path(__file__).resolve().parent
+# Subprocess workers import L{fault_nodes} from the tests folder.
+NODES_ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
 
 
 # region fixtures and helpers
@@ -66,54 +66,6 @@ def logged():
 
 def errors_in(events):
     return [(text, failure) for level, text, failure in events if level >= LogLevel.error]
-
-
-@pytest.fixture
-def start(tmp_path, monkeypatch, clean_reactor):
-    """
-    C{yield start(*args)}: an in-process worker on 127.0.0.1, stopped after the test.
-    """
-    monkeypatch.setattr(persistence, "workers_dir", lambda: tmp_path / "workers")
-    running = []
-
-    def _start(*args, name="w"):
-        worker = Running(tmp_path, name, args)
-        running.append(worker)
-        return worker.start()
-
-    yield _start
-    for worker in reversed(running):
-        pytest_twisted.blockon(worker.stop())
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    """
-    Like L{test_process.spawn}, with extra environment variables (the tests
-    folder on C{PYTHONPATH}, for L{fault_nodes}); teardown kills what runs.
-    """
-    children = []
-
-    def start(name, argv, config_dir, **env):
-        child = Child(name)
-        environment = child_env(config_dir)
-        environment["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-        environment.update(env)
-        child.transport = reactor.spawnProcess(
-            child, argv[0], argv, env=environment, path=str(tmp_path)
-        )
-        child.pid = child.transport.pid
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        if child.running:
-            try:
-                child.transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
-            pytest_twisted.blockon(child.ended())
 
 
 class Lane:
@@ -434,7 +386,7 @@ def test_a_hung_node_that_stays_does_not_stop_the_worker_stopping(start):
 @pytest_twisted.inlineCallbacks
 def test_a_worker_process_with_a_hung_node_still_stops(tmp_path, spawn, how):
     lane = Lane(tmp_path)
-    child = spawn("hang", lane.argv, lane.config)
+    child = spawn("hang", lane.argv, lane.config, NODES_ENV)
     yield wait_ready(child, lane.port)
     client = yield connect(reactor, lane.url)
     yield client.call("add_shelf", src="fault_nodes")
@@ -470,7 +422,7 @@ def test_a_node_eating_memory_leaves_the_worker_alive(tmp_path, spawn):
     works, the second is the node's C{MemoryError}, and the worker goes on.
     """
     lane = Lane(tmp_path, "prlimit", f"--as={MEMORY_LIMIT}", "--")
-    child = spawn("leak", lane.argv, lane.config)
+    child = spawn("leak", lane.argv, lane.config, NODES_ENV)
     yield wait_ready(child, lane.port)
     client = yield connect(reactor, lane.url)
     yield client.call("add_shelf", src="fault_nodes")
@@ -631,7 +583,7 @@ def test_a_really_full_disk(tiny_disk, spawn, then):
     the process and leaves the last good file.
     """
     lane = Lane(tiny_disk)
-    child = spawn("full", lane.argv, lane.config)
+    child = spawn("full", lane.argv, lane.config, NODES_ENV)
     yield wait_ready(child, lane.port)
     client = yield connect(reactor, lane.url)
     first = (yield client.call("add_node", id="add_node"))["id"]
@@ -675,7 +627,7 @@ def test_a_really_full_disk(tiny_disk, spawn, then):
         assert client.close_code == 1001, child.tail()
         filler.unlink()
         # The next start, with space again, finds that state.
-        child = spawn("again", lane.argv, lane.config)
+        child = spawn("again", lane.argv, lane.config, NODES_ENV)
         yield wait_ready(child, lane.port)
         client = yield connect(reactor, lane.url)
         full = yield client.call("full_state")
