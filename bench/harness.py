@@ -337,7 +337,7 @@ def free_port() -> int:
 class Worker:
     """A worker subprocess (``side`` "tw" or "ref") and the bench's client to it."""
 
-    def __init__(self, side: str, run_dir: Path, env: Dict[str, str]):
+    def __init__(self, side: str, run_dir: Path, env: Dict[str, str], options=()):
         self.side = side
         self.title = TITLES[side]
         self.base = run_dir / side
@@ -356,7 +356,7 @@ class Worker:
             PYTHONUNBUFFERED="1",
         )
         self.argv = [sys.executable, *ARGV[side], "--host", "127.0.0.1", "--port", str(self.port)]
-        self.argv += ["--data-path", str(self.data_path), "--uuid", self.uuid]
+        self.argv += ["--data-path", str(self.data_path), "--uuid", self.uuid, *options]
         self.proc: Optional[subprocess.Popen] = None
         self.session: Optional[aiohttp.ClientSession] = None
         self.client: Optional[Client] = None
@@ -513,7 +513,8 @@ class Bench:
 
     async def start(self, name: str):
         base = self.run_dir / name
-        self.workers = {side: Worker(side, base, self.env) for side in SIDES}
+        options = {"tw": self.config.tw_options, "ref": ()}
+        self.workers = {side: Worker(side, base, self.env, options[side]) for side in SIDES}
         try:
             await asyncio.gather(*(w.start() for w in self.workers.values()))
         except BaseException:

@@ -73,8 +73,9 @@ async def setup(name: str, w: Worker):
         return step
     if name.startswith("chain0"):
         # One chain, as in the bench. funcnodes-core leaves every round's DataPaths
-        # attached to the ``b`` inputs (set once), so a chain's rounds get slower the
-        # more it ran: profile a few hundred rounds at most (the bench runs ~15).
+        # attached to the ``b`` inputs (set once; funcnodes_tw.corefixes works around
+        # it, the reference does not), so the reference's rounds get slower the more
+        # it ran: profile a few hundred rounds at most (the bench runs ~15).
         ids = await build_chain(w, 50)
         clients = [w.client]
         if name == "chain0x20":

@@ -66,12 +66,14 @@ class Config:
     quick: bool = False
     full: bool = False
     worker_env: dict = dataclasses.field(default_factory=dict)
+    tw_options: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_args(cls, args) -> "Config":
         cfg = cls(big=args.big, quick=args.quick, full=args.full,
                   share_workers=args.quick or args.share_workers)
         cfg.worker_env = dict(item.split("=", 1) for item in args.env)
+        cfg.tw_options = list(args.tw_option)
         if args.full:
             # 60 s: the goal; 75 s: after the reference's 60-65 s message expiry.
             cfg.large_waits = (60.0, 75.0)
@@ -121,6 +123,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",
         help="set an environment variable for both workers (repeatable), e.g. MALLOC_ARENA_MAX=2",
+    )
+    parser.add_argument(
+        "--tw-option", action="append", default=[], metavar="OPTION",
+        help="an extra command-line option for funcnodes_tw only (repeatable), e.g. --tw-option=--uvloop",
     )
     parser.add_argument("--keep", action="store_true", help="keep the run directory (worker logs)")
     parser.add_argument("--list", action="store_true", help="list the figures and exit")
@@ -243,6 +249,8 @@ def main(argv=None) -> int:
     code = ""
     if git["commit"]:
         code = f"funcnodes_tw {git['commit']}{'+dirty' if git['dirty'] else ''}"
+    if cfg.tw_options:
+        code = " ".join([code, *cfg.tw_options]).strip()
     sys.stdout.write(
         f"\nfuncnodes_tw vs reference ({mode} mode, {started:%Y-%m-%d %H:%M}, "
         f"{os.cpu_count()} CPUs, load {load} at start{', ' + code if code else ''})\n\n"

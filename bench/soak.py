@@ -4,8 +4,10 @@ watching whether its memory grows.
     .venv/bin/python -m bench.soak                 # 10 minutes, RSS every 10 s
     .venv/bin/python -m bench.soak --minutes 60 --json soak.json
     .venv/bin/python -m bench.soak --quick         # 30 s smoke run, RSS every 2 s
+    .venv/bin/python -m bench.soak --worker ref    # the reference worker instead
 
-One worker subprocess (``python -m funcnodes_tw``), and in this process, all at once:
+One worker subprocess (``python -m funcnodes_tw``, or the reference worker with
+``--worker ref``), and in this process, all at once:
 
 * ``ui`` x 5: UI-like clients that stay connected, ping every 2 s and read
   ``full_state`` every 10 s (the UI does on ``fullsync``);
@@ -48,7 +50,7 @@ if __package__ in (None, ""):  # `python bench/soak.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.figures import BOUNDARY, big_string  # noqa: E402
-from bench.harness import MB, Client, Worker, cpu_seconds, kill_all  # noqa: E402
+from bench.harness import MB, TITLES, Client, Worker, cpu_seconds, kill_all  # noqa: E402
 
 
 #: The parts of the workload, for ``--actors`` (to find which one a growth comes with).
@@ -306,9 +308,9 @@ class Soak:
 
 
 async def soak(minutes: float, interval: float, scale: float, keep: bool,
-               actors=ACTORS) -> Dict:
+               actors=ACTORS, side: str = "tw") -> Dict:
     run_dir = Path(tempfile.mkdtemp(prefix="fn-soak-"))
-    worker = Worker("tw", run_dir, dict(os.environ))
+    worker = Worker(side, run_dir, dict(os.environ))
     try:
         await worker.start()
         print(f"[soak] worker pid {worker.pid} on port {worker.port}, "
@@ -321,6 +323,7 @@ async def soak(minutes: float, interval: float, scale: float, keep: bool,
     report["worker_exit_code"] = worker.proc.returncode
     report["stop_seconds"] = stop_seconds
     report["actors"] = list(actors)
+    report["worker"] = worker.title
     report["run_dir"] = str(run_dir)
     if not keep:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -330,7 +333,8 @@ async def soak(minutes: float, interval: float, scale: float, keep: bool,
 def summary(report: Dict) -> str:
     series = report["rss_series_mb"]
     s = report["stats"]
-    lines = ["RSS series (s, MB): " + ", ".join(f"{t:g}: {v:.1f}" for t, v in series)]
+    points = ", ".join(f"{t:g}: {v:.1f}" for t, v in series)
+    lines = [f"{report['worker']}: RSS series (s, MB): {points}"]
     lines.append(
         f"RSS start {report['rss_start_mb']:.1f} MB, end {report['rss_end_mb']:.1f} MB, "
         f"max {report['rss_max_mb']:.1f} MB; slope {report['slope_mb_per_min']:+.2f} MB/min "
@@ -358,6 +362,8 @@ def main(argv=None) -> int:
                         help="fail when the second-half slope is above this (MB/min)")
     parser.add_argument("--actors", default=",".join(ACTORS),
                         help=f"comma-separated subset of {','.join(ACTORS)} (default: all)")
+    parser.add_argument("--worker", choices=sorted(TITLES), default="tw",
+                        help="tw: funcnodes_tw (default), ref: the reference worker")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
     args = parser.parse_args(argv)
@@ -370,7 +376,7 @@ def main(argv=None) -> int:
         minutes, interval, scale = 0.5, 2.0, 0.2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     try:
-        report = asyncio.run(soak(minutes, interval, scale, args.keep, actors))
+        report = asyncio.run(soak(minutes, interval, scale, args.keep, actors, args.worker))
     finally:
         kill_all()
     if args.json:

@@ -10,11 +10,19 @@ elsewhere accepts none but its own. C{*} allows every origin, and only
 when configured explicitly.
 """
 
+import hashlib
 import hmac
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
+from twisted.logger import Logger, LogLevel
 from twisted.web import resource
+from twisted.web.http import combinedLogFormatter
+from twisted.web.iweb import IAccessLogFormatter
+from zope.interface import provider
+
+_log = Logger()
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
@@ -105,22 +113,29 @@ class Cors(resource.Resource):
         return self.wrapped.render(request)
 
 
-TOKEN_COOKIE = b"funcnodes_token"
+def cookie_name(worker_id):
+    """
+    The token cookie of one worker. Browsers keep cookies per host, not per
+    port or mount path: a name shared by all workers would let two workers on
+    one host overwrite each other's.
+    """
+    return b"funcnodes_token_" + re.sub(r"[^A-Za-z0-9_-]", "_", worker_id).encode("ascii")
 
 
-def presented_tokens(request):
+def presented_tokens(request, cookie):
     """
     Tokens a request carries: C{?token=} (up to a C{/}, see L{split_token}),
-    C{Authorization: Bearer}, or the cookie set when a C{?token=} was accepted.
+    C{Authorization: Bearer}, or the C{cookie} set when a C{?token=} was
+    accepted.
     """
     tokens = [split_token(value)[0] for value in request.args.get(b"token", [])]
     authorization = request.getHeader(b"authorization") or b""
     scheme, _, credentials = authorization.partition(b" ")
     if scheme.lower() == b"bearer":
         tokens.append(credentials.strip())
-    cookie = request.getCookie(TOKEN_COOKIE)
-    if cookie:
-        tokens.append(cookie)
+    value = request.getCookie(cookie)
+    if value:
+        tokens.append(value)
     return tokens
 
 
@@ -134,33 +149,78 @@ def split_token(value):
     return token, path
 
 
+def _same(a, b):
+    """
+    Constant-time comparison that does not reveal the token's length either.
+    """
+    return hmac.compare_digest(hashlib.sha256(a).digest(), hashlib.sha256(b).digest())
+
+
 class TokenGuard(resource.Resource):
     """
     Refuse (401) every request, WebSocket handshakes included, that does not
-    carry the worker's token.
+    carry the worker's token; remember a C{?token=} in a cookie scoped to
+    this worker (its own name, the path it is mounted at) so that the UI's
+    page, scripts and requests need no token in their URLs.
     """
 
-    def __init__(self, wrapped, token):
+    #: A refusal is a warning once per (peer, reason), then debug: a FuncNodes
+    #: manager probing every 10 s would flood C{worker.log}. Peers remembered:
+    MAX_WARNED = 256
+
+    def __init__(self, wrapped, token, worker_id):
         super().__init__()
         self.wrapped = wrapped
         self.token = token.encode("utf-8")
+        self.cookie = cookie_name(worker_id)
+        self._warned = set()
 
-    def _allowed(self, request):
-        if not any(hmac.compare_digest(t, self.token) for t in presented_tokens(request)):
+    def _allowed(self, request, mount):
+        presented = presented_tokens(request, self.cookie)
+        if not any(_same(t, self.token) for t in presented):
+            self._refused(request, "a wrong token" if presented else "no token")
             return False
-        if request.args.get(b"token") and request.getCookie(TOKEN_COOKIE) != self.token:
-            request.addCookie(
-                TOKEN_COOKIE, self.token, path=b"/", httpOnly=True, sameSite="strict"
-            )
+        cookie = request.getCookie(self.cookie)
+        if request.args.get(b"token") and not (cookie and _same(cookie, self.token)):
+            self._remember(request, mount)
         return True
 
+    def _remember(self, request, mount):
+        """
+        Set the cookie for the path the worker is mounted at (C{mount}: its
+        segments), so that workers mounted side by side keep theirs apart.
+        """
+        request.addCookie(
+            self.cookie,
+            self.token,
+            path=b"/" + b"".join(part + b"/" for part in mount),
+            httpOnly=True,
+            sameSite="strict",
+            secure=request.isSecure(),
+        )
+
+    def _refused(self, request, reason):
+        peer = getattr(request.getClientAddress(), "host", "-")
+        if len(self._warned) >= self.MAX_WARNED:
+            self._warned.clear()
+        level = LogLevel.debug if (peer, reason) in self._warned else LogLevel.warn
+        self._warned.add((peer, reason))
+        _log.emit(
+            level,
+            "Refused {method} {path} from {peer}: {reason} (401)",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            peer=peer,
+            reason=reason,
+        )
+
     def getChildWithDefault(self, path, request):
-        if not self._allowed(request):
+        if not self._allowed(request, request.prepath[:-1]):
             return _Unauthorized()
         return self.wrapped.getChildWithDefault(path, request)
 
     def render(self, request):
-        if not self._allowed(request):
+        if not self._allowed(request, request.prepath):
             return _Unauthorized().render(request)
         return self.wrapped.render(request)
 
@@ -173,3 +233,23 @@ class _Unauthorized(resource.Resource):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"www-authenticate", b'Bearer realm="funcnodes"')
         return b"A valid token is required"
+
+
+#: A token's value in a logged URI or referrer: C{?token=T}, the UI's
+#: C{?token=T/message/<id>}, and C{worker_url=ws%3A...%3Ftoken%3DT}.
+_TOKEN_IN_URL = re.compile(
+    r"(?P<plain>token=)[^&\"\s/]*|(?P<quoted>token%3D)(?:(?!%2F|%26)[^&\"\s/])*",
+    re.IGNORECASE,
+)
+
+
+def redact(text):
+    return _TOKEN_IN_URL.sub(lambda m: (m["plain"] or m["quoted"]) + "<redacted>", text)
+
+
+@provider(IAccessLogFormatter)
+def access_log(timestamp, request):
+    """
+    Twisted Web's combined access log line, without tokens.
+    """
+    return redact(combinedLogFormatter(timestamp, request))

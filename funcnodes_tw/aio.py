@@ -11,6 +11,9 @@ import inspect
 import sys
 
 from twisted.internet.defer import Deferred, succeed, fail
+from twisted.logger import Logger
+
+_log = Logger()
 
 
 class WrongReactor(Exception):
@@ -19,12 +22,15 @@ class WrongReactor(Exception):
     """
 
 
-def install_reactor():
+def install_reactor(uvloop=False):
     """
     Install Twisted's asyncio reactor unless it is already the installed one.
 
     Called by the twistd plugin and the launcher before anything imports
     C{twisted.internet.reactor}, so users never need C{--reactor=asyncio}.
+
+    @param uvloop: run it on a uvloop loop (the C{uvloop} extra), whose
+        polling and callbacks cost less than asyncio's own.
     """
     if "twisted.internet.reactor" in sys.modules:
         from twisted.internet import reactor
@@ -35,18 +41,38 @@ def install_reactor():
                 f"funcnodes_tw needs the asyncio reactor, but "
                 f"{type(reactor).__name__} is already installed"
             )
+        if uvloop and not on_uvloop():
+            raise WrongReactor("the reactor already runs on another loop than uvloop")
         return reactor
     from twisted.internet import asyncioreactor
 
-    try:
-        loop = asyncio.get_event_loop_policy().get_event_loop()
-    except RuntimeError:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
+    if uvloop:
+        loop = _new_uvloop()
+    else:
+        try:
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        except RuntimeError:
+            loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     asyncioreactor.install(loop)
     from twisted.internet import reactor
 
     return reactor
+
+
+def _new_uvloop():
+    try:
+        import uvloop
+    except ImportError:
+        raise WrongReactor("uvloop is not installed: pip install 'funcnodes-tw[uvloop]'") from None
+    return uvloop.new_event_loop()
+
+
+def on_uvloop():
+    """
+    Whether the installed reactor runs on uvloop.
+    """
+    return type(event_loop()).__module__.partition(".")[0] == "uvloop"
 
 
 def event_loop():
@@ -100,3 +126,40 @@ def call_soon(function, *args):
     command caused, exactly as the reference worker orders them.
     """
     return event_loop().call_soon(function, *args)
+
+
+#: (deadline, function) waiting for the loop to run out of ready callbacks.
+_idle_waiters = []
+
+
+def call_when_idle(function, max_wait):
+    """
+    Call C{function} once the loop has no other callback ready to run, or
+    after C{max_wait} seconds of such work: the end of a burst (a graph
+    running node after node) without a timer that would end it late.
+
+    One check serves every waiter, so that two waiters do not see each
+    other as work. CPython's loop keeps the ready callbacks in C{_ready};
+    a loop without one counts as idle.
+    """
+    loop = event_loop()
+    if not _idle_waiters:
+        loop.call_soon(_check_idle, loop)
+    _idle_waiters.append((loop.time() + max_wait, function))
+
+
+def _check_idle(loop):
+    if getattr(loop, "_ready", None):
+        now = loop.time()
+        due = [function for deadline, function in _idle_waiters if deadline <= now]
+        _idle_waiters[:] = [waiter for waiter in _idle_waiters if waiter[0] > now]
+        if _idle_waiters:
+            loop.call_soon(_check_idle, loop)
+    else:
+        due = [function for _, function in _idle_waiters]
+        _idle_waiters.clear()
+    for function in due:
+        try:
+            function()
+        except Exception:
+            _log.failure("A call for an idle loop failed")

@@ -2,7 +2,8 @@
 C{funcnodes-tw}: run one worker in the foreground, logging to stdout.
 
 The same options and service as C{twistd -n funcnodes-worker}, without
-twistd's daemon machinery; the asyncio reactor is installed first.
+twistd's daemon machinery; the asyncio reactor is installed first, on uvloop
+with C{--uvloop} (twistd has chosen its loop before it reads options).
 """
 
 import sys
@@ -11,9 +12,16 @@ from funcnodes_tw import aio
 
 
 def main(argv=None):
-    reactor = aio.install_reactor()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # Before the options are parsed: parsing imports the twistd plugin's
+        # module, which installs the reactor. Options checks the spelling.
+        reactor = aio.install_reactor(uvloop="--uvloop" in argv)
+    except aio.WrongReactor as exc:
+        sys.stderr.write(f"funcnodes-tw: {exc}\n")
+        return 1
     from twisted.application.service import IService
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
     from twisted.python import usage
 
     from funcnodes_tw.logs import LEVELS, filtered
@@ -21,13 +29,15 @@ def main(argv=None):
 
     options = Options()
     try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
+        options.parseOptions(argv)
     except usage.UsageError as exc:
         sys.stderr.write(f"Usage: funcnodes-tw {options}\nfuncnodes-tw: {exc}\n")
         return 2
 
     stdout = filtered(textFileLogObserver(sys.stdout), LEVELS[options.settings.log_level])
     globalLogBeginner.beginLoggingTo([stdout], redirectStandardIO=False)
+    if aio.on_uvloop():
+        Logger().info("Running on uvloop")
     service = IService(makeService(options, reactor))
     try:
         service.startService()

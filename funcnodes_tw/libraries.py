@@ -3,9 +3,10 @@ Node libraries: FuncNodes modules installed in this environment, the cached
 list of modules that could be installed, and the worker's local scripts.
 
 A module advertises itself through the C{funcnodes.module} entry point group;
-funcnodes-core's setup collects them. Package names (C{funcnodes-basic}) map
-to module names (C{funcnodes_basic}) by swapping dashes for underscores, or,
-for packages named otherwise, through their distribution's entry points.
+funcnodes-core's setup collects them (again only when the environment
+changed). Package names (C{funcnodes-basic}) map to module names
+(C{funcnodes_basic}) by swapping dashes for underscores, or, for packages
+named otherwise, through their distribution's entry points.
 Nothing here touches the network.
 """
 
@@ -14,6 +15,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,12 +36,49 @@ class PackageNotFound(ValueError):
     pass
 
 
+#: What the environment looked like at funcnodes-core's last module scan.
+_SCANNED = {"key": None}
+
+
+def _environment_key():
+    """
+    C{sys.path} with each folder's modification time: installing or removing
+    a distribution adds or removes a folder there, so the key changes (the
+    same signal C{importlib.metadata} caches its folder listings by).
+    """
+    key = []
+    for entry in sys.path:
+        try:
+            key.append((entry, os.stat(entry or ".").st_mtime_ns))
+        except OSError:
+            key.append((entry, None))
+    return tuple(key)
+
+
 def installed_modules():
     """
     Every installed FuncNodes module, by module name; no network involved.
+
+    funcnodes-core's setup reads every distribution's entry points and runs
+    a full C{gc.collect} for each module it has not imported, on every call:
+    a tenth of a second or more with the reactor blocked. So it runs only
+    when the environment changed since the last scan, or after L{rescan}.
     """
-    setup()
+    key = _environment_key()
+    if _SCANNED["key"] != key:
+        setup()
+        _SCANNED["key"] = key
     return AVAILABLE_MODULES
+
+
+def rescan():
+    """
+    Scan the installed modules now, whatever the environment key says: a
+    folder's modification time can be coarse (a second on some file
+    systems), so a scan just before pip ran may share its key.
+    """
+    _SCANNED["key"] = None
+    return installed_modules()
 
 
 def find_module(name):

@@ -1,9 +1,11 @@
 """
 The worker's periodic jobs, each a service that starts and stops with it.
 
-The trigger drain is the odd one: it ticks every 5 ms only while nodes have
-work and stops itself when the graph is idle, so an idle worker does not
-wake up 200 times a second. Node-space events start it again.
+The trigger drain is the odd one: funcnodes-core runs a trigger request at
+once unless the node is busy or misses an input; only then does the drain
+tick, every 5 ms, until the request ran or waits for an input, and stops
+itself. A graph at work (a chain sleeping its pretrigger delays) therefore
+does not wake up 200 times a second, and neither does an idle worker.
 """
 
 from twisted.application.internet import TimerService
@@ -18,16 +20,25 @@ SAVE_INTERVAL = 1.0
 EXPIRE_INTERVAL = 5.0
 
 
+def holds_request(node):
+    """
+    Whether C{node} holds a trigger request it could not run at once (it
+    was busy, or an input was missing); funcnodes-core keeps it private.
+    """
+    return node._requests_trigger
+
+
 def drain(nodespace):
     """
     Trigger every node that asked for a trigger and is ready.
 
-    @return: whether work is still pending (a trigger running or due).
+    @return: whether to look again: a node was triggered, or one holds a
+        request until its running trigger ends.
     """
     pending = False
     for node in nodespace.nodes:
         try:
-            if node.trigger_if_requested() or node.in_trigger:
+            if node.trigger_if_requested() or (holds_request(node) and node.in_trigger):
                 pending = True
         except Exception:
             _log.failure("Triggering {node} failed", node=node)
@@ -45,6 +56,18 @@ class TriggerDrain(Service):
     def kick(self):
         if self.running and not self._call.running:
             self._call.start(DRAIN_INTERVAL, now=False)
+
+    def node_event(self, nid):
+        """
+        Node C{nid} did something (an event of its own or of its inputs):
+        drain if it holds a request, which nothing else would run.
+        """
+        try:
+            node = self.nodespace.get_node_by_id(nid)
+        except (ValueError, TypeError):  # not a node's event, or a node gone
+            return
+        if holds_request(node):
+            self.kick()
 
     def _tick(self):
         if not drain(self.nodespace):

@@ -373,7 +373,7 @@ def refresh_discovery():
     from funcnodes_tw import libraries
 
     try:
-        libraries.installed_modules()
+        libraries.rescan()
     except Exception:
         _log.failure("Rescanning FuncNodes modules failed")
 

@@ -24,7 +24,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from funcnodes_tw import isolation, libraries, loops, packages, persistence, systemd
+from funcnodes_tw import corefixes, isolation, libraries, loops, packages, persistence, systemd
 from funcnodes_tw.access import OriginPolicy
 from funcnodes_tw.commands import library
 from funcnodes_tw.hub import Hub
@@ -116,7 +116,7 @@ class WorkerService(MultiService):
         isolation.Isolation(worker.nodespace, clock).setServiceParent(self)
         self.triggers = loops.TriggerDrain(worker.nodespace, clock)
         self.triggers.setServiceParent(self)
-        worker.on_activity = self.triggers.kick
+        worker.on_node_event = self.triggers.node_event
         loops.timer("save", loops.SAVE_INTERVAL, lambda: loops.save_if_requested(worker), clock).setServiceParent(self)
         loops.timer("messages", loops.EXPIRE_INTERVAL, self.store.expire, clock).setServiceParent(self)
         required = settings.required_heartbeat
@@ -201,7 +201,11 @@ class WorkerService(MultiService):
         secure = "s" if ssl else ""
         url = f"ws{secure}://{worker.host}:{worker.port}"
         _log.info("Worker {uuid} listening on {url}", uuid=worker.uuid, url=url)
-        _log.info("Open the UI: http{s}://{host}:{port}/", s=secure, host=worker.host, port=worker.port)
+        query = "?token=<the token>" if self.settings.token else ""  # never the token itself
+        _log.info(
+            "Open the UI: http{s}://{host}:{port}/{query}",
+            s=secure, host=worker.host, port=worker.port, query=query,
+        )
         systemd.notify(f"READY=1\nSTATUS=listening on {url}")
         self.startup_jobs = defer.Deferred()
         self._startup_call = self.clock.callLater(0, self._run_startup_jobs)
@@ -264,6 +268,7 @@ def create(uuid, data_path=None, name=None, clock=None, workers_dir=None, settin
     """
     if clock is None:
         from twisted.internet import reactor as clock
+    corefixes.apply()
     files = persistence.WorkerFiles(uuid, data_path, workers_dir)
     worker = Worker(files, uuid, name=name, clock=clock)
     return WorkerService(worker, clock, settings or Settings(**values))

@@ -45,6 +45,7 @@ class Options(usage.Options):
     optFlags = [
         ["debug", "d", "Log debug messages and send tracebacks to clients."],
         ["exit-on-stdin-close", None, "Stop when standard input closes (for a parent process)."],
+        ["uvloop", None, "Run on uvloop (funcnodes-tw only; pip install 'funcnodes-tw[uvloop]')."],
     ]
     optParameters = [
         ["uuid", "u", None, "Worker id; a new one is generated if omitted."],
@@ -78,6 +79,10 @@ class Options(usage.Options):
         self["allowed-origins"].append(origin)
 
     def postOptions(self):
+        if self["uvloop"] and not aio.on_uvloop():
+            raise usage.UsageError(
+                "--uvloop works with funcnodes-tw only, spelled out in full"
+            )
         if self["log-level"] is not None and self["log-level"] not in LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(LEVELS)}")
         if self["uuid"] is None:
@@ -179,7 +184,7 @@ def makeService(options, reactor=None):
 
     Listener(
         listen_descriptions(options, files),
-        make_site(service.resource, worker_settings.max_upload_size),
+        make_site(service.resource, worker_settings.max_upload_size, worker.files.files),
         reactor,
         service.listening,
         failed,

@@ -23,10 +23,6 @@ class BadFilename(ValueError):
     pass
 
 
-class TooLarge(ValueError):
-    pass
-
-
 def relative_name(filename):
     """
     Check a client's file name and return it as a relative path below C{files/}.
@@ -100,11 +96,9 @@ class _FileTarget(BaseTarget):
     Streams each C{file} part of a multipart body into its staged file.
     """
 
-    def __init__(self, staging, limit):
+    def __init__(self, staging):
         super().__init__()
         self.staging = staging
-        self.limit = limit
-        self.size = 0
         self._file = None
 
     def on_start(self):
@@ -112,9 +106,6 @@ class _FileTarget(BaseTarget):
             self._file = self.staging.open(self.multipart_filename)
 
     def on_data_received(self, chunk):
-        self.size += len(chunk)
-        if self.limit is not None and self.size > self.limit:
-            raise TooLarge("upload larger than the allowed size")
         if self._file is not None:
             self._file.write(chunk)
 
@@ -124,29 +115,62 @@ class _FileTarget(BaseTarget):
             self._file = None
 
 
-def store_multipart(content, content_type, files_root, limit=None):
+class MultipartUpload:
+    """
+    A multipart body parsed chunk by chunk as it arrives, its C{file} parts
+    written to a staging folder, so a large upload touches the disk once.
+
+    After a part fails (a bad name, a malformed body) the rest of the body is
+    ignored; L{commit} raises the error and L{discard}s. Both remove or move
+    files, which takes long for big ones: call them in a thread.
+    """
+
+    def __init__(self, content_type, files_root):
+        self.parser = StreamingFormDataParser(headers={"Content-Type": content_type})
+        self.staging = Staging(files_root)
+        self.target = _FileTarget(self.staging)
+        self.parser.register("file", self.target)
+        self.error = None
+
+    def feed(self, chunk):
+        if self.error is not None:
+            return
+        try:
+            self.parser.data_received(chunk)
+        except Exception as error:
+            self.error = error
+
+    def commit(self):
+        """
+        Move the staged files into place; the relative paths, in order.
+        """
+        try:
+            if self.error is not None:
+                raise self.error
+            self.target.on_finish()
+            return self.staging.commit()
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self):
+        self.target.on_finish()
+        self.staging.discard()
+
+
+def store_multipart(content, content_type, files_root):
     """
     Parse a multipart body from file object C{content} into C{files_root}.
 
-    Runs in a thread: parsing and writing a large body must not stall the
-    reactor. Returns the relative paths written, in order.
+    For a body that was stored whole (a Site that did not stream it); runs in
+    a thread. Returns the relative paths written, in order.
     """
-    staging = Staging(files_root)
-    target = _FileTarget(staging, limit)
-    try:
-        parser = StreamingFormDataParser(headers={"Content-Type": content_type})
-        parser.register("file", target)
-        while True:
-            chunk = content.read(CHUNK)
-            if not chunk:
-                break
-            parser.data_received(chunk)
-        target.on_finish()
-        return staging.commit()
-    except BaseException:
-        target.on_finish()
-        staging.discard()
-        raise
+    upload = MultipartUpload(content_type, files_root)
+    for chunk in iter(lambda: content.read(CHUNK), b""):
+        upload.feed(chunk)
+        if upload.error is not None:
+            break
+    return upload.commit()
 
 
 def store_bytes(data, filename, files_root):

@@ -8,6 +8,7 @@ funcnodes-core's encoders as the fallback for objects it does not know).
 
 import itertools
 import json
+import re
 import traceback
 import uuid
 
@@ -33,17 +34,36 @@ class MessageError(ValueError):
 _base64 = pybase64.b64encode_as_string
 
 
+def _fast_bytes(obj):
+    """
+    The raw bytes of C{obj} when it takes the base64 fast lane, else None.
+    """
+    kind = type(obj)
+    if kind is bytes and bytes not in JSONEncoder.encoder_registry:
+        return obj
+    if kind is BytesEncdata and type(obj.data) is bytes:
+        return obj.data
+    return None
+
+
+def _with_data(obj, text):
+    """
+    What C{obj}, a fast-lane object, encodes to with C{text} as its base64.
+    """
+    if type(obj) is bytes:
+        return text
+    return {"data": text, "handeled": obj.handeled, "mime": obj.mime}
+
+
 def _default(obj):
     """
     funcnodes-core's encoders, with a fast lane for raw bytes: SIMD base64
     straight to a str, where funcnodes-core copies the bytes (dataclass),
     encodes them and decodes the result, three times slower.
     """
-    kind = type(obj)
-    if kind is bytes and bytes not in JSONEncoder.encoder_registry:
-        return _base64(obj)
-    if kind is BytesEncdata and type(obj.data) is bytes:
-        return {"data": _base64(obj.data), "handeled": obj.handeled, "mime": obj.mime}
+    data = _fast_bytes(obj)
+    if data is not None:
+        return _with_data(obj, _base64(data))
     if isinstance(obj, Node):
         # What its _repr_json_ gives, without funcnodes-core's recursive walk.
         return obj.full_serialize(with_io_values=False)
@@ -88,6 +108,92 @@ def dumps(obj):
         return json.dumps(obj, cls=JSONEncoder).encode("utf-8")
 
 
+#: Bytes from this size on are base64'd only when the text is written out
+#: (L{dumps_lazy}): a large message is never held as one base64 copy.
+DEFERRED_MIN = 1024
+
+#: What L{Encoded.chunks} yields at most: big enough that a 27 MB body takes
+#: few reactor turns, small enough that no body is ever made in one piece.
+CHUNK = 1024 * 1024
+
+#: Stands in for a deferred base64 text; orjson escapes NUL everywhere else.
+_GAP = b"\x00"
+_GAP_TEXT = orjson.Fragment(b'"' + _GAP + b'"')
+
+
+class Encoded:
+    """
+    JSON text in pieces: text, raw bytes, text, ..., text, where each raw
+    piece stands for its base64 (quoted by the text around it). C{len} and
+    C{bytes} give the text's length and the text, as for plain bytes.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.size = sum(map(len, parts[0::2])) + sum((len(raw) + 2) // 3 * 4 for raw in parts[1::2])
+
+    def __len__(self):
+        return self.size
+
+    def __bytes__(self):
+        return b"".join(
+            part if i % 2 == 0 else pybase64.b64encode(part) for i, part in enumerate(self.parts)
+        )
+
+    def chunks(self, size=CHUNK):
+        """
+        The text in pieces of at most C{size} bytes; base64 is made here,
+        one piece at a time.
+        """
+        step = size // 4 * 3
+        for i, part in enumerate(self.parts):
+            if i % 2 == 0:
+                yield from (part[start : start + size] for start in range(0, len(part), size))
+            else:
+                view = memoryview(part)
+                yield from (
+                    pybase64.b64encode(view[start : start + step])
+                    for start in range(0, len(part), step)
+                )
+
+
+def _deferring(raws):
+    """
+    L{_default}, but big bytes become gaps, their data kept in C{raws}.
+    """
+
+    def default(obj):
+        data = _fast_bytes(obj)
+        if data is not None and len(data) >= DEFERRED_MIN:
+            raws.append(data)
+            return _with_data(obj, _GAP_TEXT)
+        return _default(obj)
+
+    return default
+
+
+def dumps_lazy(obj):
+    """
+    L{dumps}, but a message with big bytes comes as an L{Encoded}: parked in
+    the large-message store, it costs no base64 until it is fetched.
+    """
+    raws = []
+    try:
+        text = orjson.dumps(obj, default=_deferring(raws), option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        return dumps(obj)
+    if not raws:
+        return text
+    texts = text.split(_GAP)
+    if len(texts) != len(raws) + 1:  # a NUL from elsewhere (an orjson.Fragment)
+        return dumps(obj)
+    parts = [None] * (2 * len(texts) - 1)
+    parts[0::2], parts[1::2] = texts, raws
+    return Encoded(parts)
+
+
 #: Deepest nesting of a client message: what orjson writes back. It reads
 #: 1024 levels, but funcnodes-core's encoders recurse, and a value nested
 #: ~500 deep set as a default would make every later save fail.
@@ -121,17 +227,56 @@ def result(value, msgid):
     return {"type": "result", "result": value, "id": msgid}
 
 
+#: The folders of an absolute path (POSIX or Windows), not those of a URL or a
+#: relative path: what remains is the file's name.
+_FOLDERS = re.compile(r"(?<![\w.:/\\~-])(?:/|[A-Za-z]:\\)(?:[\w.@+~%=-]+[/\\])+")
+
+
+def public_text(text, debug=False):
+    """
+    C{text} as clients may see it: outside debug mode, absolute paths keep
+    only their file name, since they show how the server is laid out.
+    """
+    return text if debug else _FOLDERS.sub("", text)
+
+
+def public_traceback(exc, debug=False):
+    """
+    The traceback lines clients get: all of them in debug mode, else only the
+    exception's type and message, as they end a traceback (frames and notes
+    name the server's files).
+    """
+    if debug:
+        return traceback.format_exception(exc)
+    kind = type(exc)
+    name = kind.__qualname__
+    if kind.__module__ not in ("builtins", "__main__"):
+        name = f"{kind.__module__}.{name}"
+    message = str(exc)
+    return [public_text(f"{name}: {message}\n" if message else f"{name}\n")]
+
+
 def error(exc, msgid, debug=False):
     """
     The error reply; tracebacks reveal paths, so they go out only in debug mode.
     """
     tb = traceback.format_exception(exc) if debug else []
-    return {"type": "error", "error": str(exc), "tb": tb, "id": msgid}
+    return {"type": "error", "error": public_text(str(exc), debug), "tb": tb, "id": msgid}
 
 
 def error_event(exc, debug=False):
     tb = traceback.format_exception(exc) if debug else []
-    return {"type": "error_event", "error": repr(exc), "tb": tb}
+    return {"type": "error_event", "error": public_text(repr(exc), debug), "tb": tb}
+
+
+def node_error(data, debug=False):
+    """
+    The data of a C{node_error} or C{node_trigger_error} event as clients get
+    it: C{data["error"]} is the exception, C{data["tb"]} funcnodes-core's full
+    traceback. The UI shows C{error}, and logs C{tb}.
+    """
+    exc = data["error"]
+    return {**data, "error": public_text(str(exc), debug), "tb": public_traceback(exc, debug)}
 
 
 def progress(message, status, progress, blocking):

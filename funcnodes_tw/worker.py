@@ -48,10 +48,10 @@ class NullOutlet:
     Where messages go while no server is attached (tests, startup).
     """
 
-    def broadcast(self, message):
+    def broadcast(self, message, hold=False):
         pass
 
-    def broadcast_binary(self, payload, header):
+    def broadcast_binary(self, payload, header, hold=False):
         pass
 
 
@@ -82,7 +82,9 @@ class Worker:
         self.save_requested = False
         #: Why the last save failed (disk full...), None while saving works.
         self.save_error = None
-        self.on_activity = lambda: None
+        #: Called with the C{node} field of every node-space event (the
+        #: trigger drain checks whether that node holds a trigger request).
+        self.on_node_event = lambda nid: None
         self.stop = lambda: None
         self._later = []
         self._library = None
@@ -96,11 +98,12 @@ class Worker:
 
     # region outgoing messages
 
-    def send(self, message):
+    def send(self, message, hold=False):
         """
-        Broadcast now: progress and worker events a command awaits itself.
+        Broadcast now: progress and worker events a command awaits itself;
+        node events C{hold} to go out with the rest of their burst.
         """
-        self.outlet.broadcast(message)
+        self.outlet.broadcast(message, hold)
 
     def send_later(self, function, *args):
         """
@@ -133,21 +136,24 @@ class Worker:
     def send_io_value(self, node, io, value):
         mime, payload = wire.encode_value(value, preview=True)
         header = {"node": node, "io": io, "mime": mime, "type": "io_value", "preview": "1"}
-        self.outlet.broadcast_binary(payload, header)
+        self.outlet.broadcast_binary(payload, header, hold=True)
 
     def _on_nodespace_event(self, event, src=None, **data):
-        self.on_activity()
+        self.on_node_event(data.get("node"))
         if event in SUPPRESSED:
             return
         if event == "after_set_value":
             self.send_later(self.send_io_value, data["node"], data["io"], data["result"])
             return
-        if event == "node_trigger_error":
-            _log.warn("Node {node} failed: {error}", node=data.get("node"), error=data.get("error"))
-        self.send_later(self.send, wire.nsevent(event, data))
+        if event in ("node_error", "node_trigger_error"):
+            _log.warn("Node {node} failed: {error}\n{traceback}", node=data.get("node"),
+                      error=data.get("error"), traceback="".join(data.get("tb") or ()))
+            data = wire.node_error(data, self.debug)
+        self.send_later(self.send, wire.nsevent(event, data), True)
 
     def _on_nodespace_error(self, error, src=None):
-        _log.error("Node space error: {error!r}", error=error)
+        _log.error("Node space error: {error!r}\n{traceback}", error=error,
+                   traceback="".join(wire.public_traceback(error, debug=True)))
         self.send_later(self.send, wire.error_event(error, self.debug))
 
     def _on_lib_event(self, event, **data):

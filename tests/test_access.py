@@ -13,6 +13,8 @@ import uuid
 
 import pytest
 import pytest_twisted
+from twisted.internet import utils
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from hardening import (
     TOKEN,
@@ -52,13 +54,17 @@ ACCEPTED = {
 }
 
 
+#: The token cookie of the worker L{start} names C{w} (uuid C{hard_w}).
+COOKIE = "funcnodes_token_hard_w"
+
+
 def with_token(start, source, *args, token=TOKEN, **kw):
     if source == "cli":
         return start("--token", token, *args, **kw)
     return start(*args, config={"token": token}, **kw)
 
 
-def credentials(auth, token):
+def credentials(auth, token, cookie=COOKIE):
     """
     (query, headers) presenting C{token} the way C{auth} says.
     """
@@ -69,7 +75,7 @@ def credentials(auth, token):
     if auth == "bearer":
         return "", {"Authorization": f"Bearer {token}"}
     if auth == "cookie":
-        return "", {"Cookie": f"funcnodes_token={token}"}
+        return "", {"Cookie": f"{cookie}={token}"}
     raise ValueError(auth)
 
 
@@ -100,8 +106,10 @@ def test_every_route_refuses_a_request_without_the_right_token(start, monkeypatc
     attempts += [(auth, "wrong") for auth in ("query", "bearer", "cookie")]
     attempts += [("query", ""), ("query", TOKEN[:-1]), ("query", TOKEN + "x")]
     attempts += [("bearer", TOKEN.upper()), ("query", TOKEN + "%00")]
-    for auth, token in attempts:
-        query, headers = credentials(auth, token)
+    # The right token in a cookie of another worker, or in the unscoped name.
+    attempts += [("cookie", TOKEN, c) for c in ("funcnodes_token_hard_other", "funcnodes_token")]
+    for auth, token, *cookie in attempts:
+        query, headers = credentials(auth, token, *cookie)
         for route in ROUTES:
             response = yield request(worker, worker.new_http(), route, query, headers, msgid)
             body = yield response.content()
@@ -151,8 +159,11 @@ def test_every_route_accepts_the_token(start, monkeypatch, source, auth):
         elif route == "GET /static/index.html":
             assert b"<html" in body.lower()
         elif route == "GET /":
-            location = response.headers.getRawHeaders("location")
-            assert location == [f"static/index.html?worker_url=ws://127.0.0.1:{worker.port}/"]
+            # A token that came in the URL goes on in the page's URL and its worker_url.
+            ui = f"static/index.html?worker_url=ws://127.0.0.1:{worker.port}/"
+            if auth == "query":
+                ui = ui.replace("?", f"?token={TOKEN}&") + f"%3Ftoken%3D{TOKEN}"
+            assert response.headers.getRawHeaders("location") == [ui]
     client = yield worker.connect("/" + query, headers)
     assert (yield client.call("uuid")) == worker.uuid
     assert (yield client.call("test_record", value="over ws")) == "over ws"
@@ -215,8 +226,8 @@ def test_the_cookie_set_after_a_token_request_is_accepted(start, monkeypatch, so
     yield response.content()
     [cookie] = response.headers.getRawHeaders("set-cookie")
     pair, *attributes = [part.strip() for part in cookie.split(";")]
-    assert pair == f"funcnodes_token={TOKEN}"
-    assert {a.lower() for a in attributes} >= {"path=/", "httponly", "samesite=strict"}
+    assert pair == f"{COOKIE}={TOKEN}"
+    assert {a.lower() for a in attributes} == {"path=/", "httponly", "samesite=strict"}
 
     for route in ROUTES:  # no token: the client's cookie jar sends the cookie
         response = yield request(worker, http, route, msgid=msgid)
@@ -225,6 +236,190 @@ def test_the_cookie_set_after_a_token_request_is_accepted(start, monkeypatch, so
         assert not response.headers.hasHeader("set-cookie"), "set again"
     client = yield worker.connect(headers={"Cookie": pair})
     assert (yield client.call("uuid")) == worker.uuid
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_workers_on_one_host_keep_their_own_cookies(start):
+    """
+    Cookies belong to a host, not to a port: a browser that opened two
+    workers on one host, each with its token, must stay let in to both.
+    """
+    first = yield start("--token", "first-token", name="w")
+    second = yield start("--token", "second-token", name="other")
+    http = first.new_http()  # one cookie jar for both, as in a browser
+    for worker, token in ((first, "first-token"), (second, "second-token")):
+        response = yield http.get(worker.url(f"/?token={token}"), allow_redirects=False)
+        yield response.content()
+        assert response.code == 302
+    assert sorted(c.name for c in http._cookiejar) == [
+        "funcnodes_token_hard_other", "funcnodes_token_hard_w"
+    ]
+    assert {c.port for c in http._cookiejar} == {None}, "the jar must not scope by port"
+    for worker in (first, second, first):
+        for route in ("GET /worker", "GET /static/index.html", "GET /message/<id>"):
+            response = yield request(worker, http, route, msgid=worker.store.put(PARKED))
+            body = yield response.content()
+            assert response.code == 200, f"{worker.uuid} {route}: {response.code} {body!r}"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_mounted_worker_scopes_its_cookie_to_its_path(tmp_path, clean_reactor):
+    """
+    Two workers mounted in one host application share host and port: the
+    cookie of the one at C{/fn/} is for C{/fn/} only.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+    from treq.client import HTTPClient
+
+    from funcnodes_tw.service import create
+
+    worker = create(
+        "mounted", data_path=tmp_path / "data", workers_dir=tmp_path / "workers",
+        clock=reactor, token=TOKEN,
+    )
+    root = Resource()
+    root.putChild(b"fn", worker.resource)
+    worker.startService()
+    port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(root))
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    http = HTTPClient(Agent(reactor, pool=pool))
+    base = f"http://127.0.0.1:{port.getHost().port}/fn/"
+    try:
+        response = yield http.get(base + f"?token={TOKEN}", allow_redirects=False)
+        yield response.content()
+        assert response.headers.getRawHeaders("location") == [
+            f"static/index.html?token={TOKEN}"
+            f"&worker_url=ws://127.0.0.1:{port.getHost().port}/fn/%3Ftoken%3D{TOKEN}"
+        ]
+        [cookie] = response.headers.getRawHeaders("set-cookie")
+        pair, *attributes = [part.strip() for part in cookie.split(";")]
+        assert pair == f"funcnodes_token_mounted={TOKEN}"
+        assert "path=/fn/" in {a.lower() for a in attributes}
+        response = yield http.get(base + "worker")
+        assert json.loads((yield response.content()))["uuid"] == "mounted"
+    finally:
+        yield worker.stopService()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_refusals_are_logged_with_a_reason_and_tokens_never(start):
+    """
+    A refused request leaves a warning naming the reason (once per peer and
+    reason: a FuncNodes manager retries every 10 s), and neither that nor the
+    access log shows a token, right or wrong.
+    """
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        worker = yield with_token(start, "cli")
+        for path in ("/", "/", "/?token=wrong-guess"):
+            status, _ = yield handshake(worker, path)
+            assert status == 401
+        page = worker.url(f"/static/index.html?worker_url=ws%3A%2F%2Fh%2F%3Ftoken%3D{TOKEN}")
+        for path in (f"/?token={TOKEN}", f"/?token={TOKEN}/message/none", "/worker"):
+            response = yield worker.new_http().get(
+                worker.url(path),
+                headers={"Referer": page, "Cookie": f"{COOKIE}={TOKEN}"},
+                allow_redirects=False,
+            )
+            yield response.content()
+            assert response.code in (302, 404, 200)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [(e.get("log_level"), formatEvent(e)) for e in events]
+    refusals = [(level, text) for level, text in lines if text.startswith("Refused")]
+    assert refusals == [
+        (LogLevel.warn, "Refused GET / from 127.0.0.1: no token (401)"),
+        (LogLevel.debug, "Refused GET / from 127.0.0.1: no token (401)"),
+        (LogLevel.warn, "Refused GET / from 127.0.0.1: a wrong token (401)"),
+    ]
+    access = [text for _, text in lines if '"GET /' in text]
+    assert len(access) == 6, access
+    assert '"GET /?token=<redacted> HTTP/1.1" 401' in access[2]
+    assert '"GET /?token=<redacted>/message/none HTTP/1.1" 404' in access[4]
+    assert f"{page.split('%3D')[0]}%3D<redacted>" in access[5]
+    leaks = [text for _, text in lines if TOKEN in text or "wrong-guess" in text]
+    assert leaks == []
+
+
+#: The FuncNodes manager's own probe of a worker (PyPI funcnodes 1.7.1), in a
+#: process of its own: funcnodes reads FUNCNODES_CONFIG_DIR at import.
+MANAGER_CHECK = r"""
+import asyncio, json, sys
+from funcnodes.worker.worker_manager import check_worker
+
+config = {"uuid": sys.argv[1], "host": "127.0.0.1", "port": int(sys.argv[2])}
+try:
+    print("RESULT", json.dumps(asyncio.run(check_worker(config))))
+except Exception as exc:
+    print("RAISED", type(exc).__name__, getattr(exc, "status", None))
+"""
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_funcnodes_manager_is_refused_at_once(start, tmp_path):
+    """
+    The manager connects to C{ws://host:port} and has no way to send a token
+    (docs/deployment.md): its probe gets a 401 at once, not a hang.
+    """
+    protected = yield with_token(start, "cli")
+    open_worker = yield start(name="open")
+    env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(tmp_path / "fnconfig"))
+    for worker, expected in (
+        (open_worker, f'RESULT ["{open_worker.uuid}", true]'),
+        (protected, "RAISED WSServerHandshakeError 401"),
+    ):
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, ["-c", MANAGER_CHECK, worker.uuid, str(worker.port)], env=env
+        )
+        assert code == 0, err.decode()
+        assert out.decode().strip().splitlines()[-1] == expected
+
+
+#: What a token holder from a foreign origin gets: the routes that act or
+#: answer with data refuse the origin (403); the page and /worker answer, but
+#: without CORS headers, so the foreign page cannot read them.
+FOREIGN = {
+    "GET /message/<id>": 403,
+    "POST /message/": 403,
+    "POST /upload/": 403,
+    "GET /worker": 200,
+    "GET /static/index.html": 200,
+    "GET /": 302,
+}
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_token_is_checked_before_the_origin(start, monkeypatch):
+    """
+    401 means "who are you?", 403 "not from there": without the token every
+    route says 401 whatever the origin; with it, a foreign origin gets 403
+    where the origin matters, on the WebSocket as on HTTP.
+    """
+    calls = recorder(monkeypatch)
+    worker = yield with_token(start, "cli")
+    msgid = worker.store.put(PARKED)
+    foreign = {"Origin": "http://evil.example"}
+    for auth, expected in ((None, dict.fromkeys(FOREIGN, 401)), ("bearer", FOREIGN)):
+        query, headers = credentials(auth, TOKEN)
+        for route in ROUTES:
+            sent = {**headers, **foreign}
+            response = yield request(worker, worker.new_http(), route, query, sent, msgid)
+            body = yield response.content()
+            assert response.code == expected[route], f"{route} with {auth}: {body[:100]!r}"
+            assert not response.headers.hasHeader("access-control-allow-origin"), route
+        status, _ = yield handshake(worker, "/", {**headers, **foreign})
+        assert status == (401 if auth is None else 403), auth
+    # The UI's form of the URL goes through the same origin check.
+    url = worker.url(f"/?token={TOKEN}/message/{msgid}")
+    response = yield worker.new_http().get(url, headers=foreign)
+    assert (response.code, (yield response.content())) == (403, b"Origin not allowed")
+    assert calls == [] and not worker.files.joinpath("a.txt").exists()
 
 
 @pytest_twisted.inlineCallbacks
@@ -384,7 +579,9 @@ def test_wss_with_a_token(start, cert, source):
     yield response.content()
     assert response.code == 302
     [cookie] = response.headers.getRawHeaders("set-cookie")
-    assert cookie.startswith(f"funcnodes_token={TOKEN};")
+    pair, *attributes = [part.strip() for part in cookie.split(";")]
+    assert pair == f"{COOKIE}={TOKEN}"
+    assert "secure" in {a.lower() for a in attributes}, "over TLS, the cookie stays on TLS"
 
 
 # endregion
@@ -408,7 +605,8 @@ def test_real_ui_over_https(chromium, cert, tmp_path, token):
     The worker serves the UI itself: C{https://host:port/} redirects to
     C{static/index.html?worker_url=wss://host:port/}, and the page loads the
     library and builds a node over wss. With a token, the first URL carries
-    it and the cookie set in reply carries it from then on.
+    it, the UI's URLs carry it on, and the cookie set in reply lets in what
+    the page loads.
     """
     from uidriver import free_port, run_in_thread, stop_process, wait_for_port
 
@@ -438,7 +636,7 @@ def test_real_ui_over_https(chromium, cert, tmp_path, token):
             time.sleep(0.1)
         assert json.loads(registration.read_text())["ssl"] is True
         url = f"https://127.0.0.1:{port}/" + (f"?token={token}" if token else "")
-        run_in_thread(_drive_ui_over_tls, chromium, url, port, tmp_path, timeout=120)
+        run_in_thread(_drive_ui_over_tls, chromium, url, port, token, tmp_path, timeout=120)
     finally:
         stop_process(proc)
     log = logfile.read_text()
@@ -446,7 +644,7 @@ def test_real_ui_over_https(chromium, cert, tmp_path, token):
     assert "Traceback" not in log
 
 
-def _drive_ui_over_tls(chromium, url, port, shots):
+def _drive_ui_over_tls(chromium, url, port, token, shots):
     from playwright.sync_api import expect, sync_playwright
 
     from uidriver import CHROMIUM_ARGS, FuncNodesUI
@@ -472,10 +670,11 @@ def _drive_ui_over_tls(chromium, url, port, shots):
             ui = FuncNodesUI(page)
             try:
                 page.goto(url)
-                expect(page).to_have_url(
-                    f"https://127.0.0.1:{port}/static/index.html"
-                    f"?worker_url=wss://127.0.0.1:{port}/"
-                )
+                page_url = f"https://127.0.0.1:{port}/static/index.html"
+                page_url += f"?worker_url=wss://127.0.0.1:{port}/"
+                if token:
+                    page_url = page_url.replace("?", f"?token={token}&") + f"%3Ftoken%3D{token}"
+                expect(page).to_have_url(page_url)
                 ui.open_library()
                 expect(ui.shelf("basics")).to_be_visible()
                 page.screenshot(path=str(shots / "01-library.png"))

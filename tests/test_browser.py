@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 log = logging.getLogger(__name__)
 
 TARGET = os.environ.get("FUNCNODES_TW_BROWSER_TARGET", "ours")
+TOKEN = "browser-Token_2"
 REFWORKER = Path(__file__).with_name("refworker.py")
 
 
@@ -66,12 +67,20 @@ def chromium():
 
 
 @pytest.fixture
-def worker(tmp_path):
+def token():
+    """The worker's --token: none, unless a test parametrizes one."""
+    return None
+
+
+@pytest.fixture
+def worker(tmp_path, token):
     """Start the worker with a private config dir and yield its port; stop it afterwards."""
     port = free_port()
     env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(tmp_path / "config"))
     logfile = tmp_path / "worker.log"
     cmd = worker_command(port, tmp_path / "data", uuid.uuid4().hex)
+    if token:
+        cmd += ["--token", token]
     log.info("starting worker: %s (log: %s)", cmd, logfile)
     with open(logfile, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -117,6 +126,19 @@ def test_large_value_through_http_fallback(chromium, worker, ui_server, tmp_path
     """A value over 1 MiB travels both ways over HTTP, and the page shows what it fetched."""
     scenario = functools.partial(_large_value_scenario, worker_port=worker)
     run_in_thread(_drive_ui, chromium, ui_server.url(worker), tmp_path, scenario, timeout=120)
+
+
+@pytest.mark.skipif(TARGET == "reference", reason="the reference worker has no token")
+@pytest.mark.parametrize("token", [TOKEN])
+def test_ui_opened_with_a_token(chromium, worker, token, tmp_path):
+    """``http://host:port/?token=T`` lands on the worker's UI, which connects and moves a
+    value over 1 MiB through ``/?token=T/message/``; the token never reaches the log."""
+    scenario = functools.partial(_large_value_scenario, worker_port=worker, token=token)
+    url = f"http://127.0.0.1:{worker}/?token={token}"
+    run_in_thread(_drive_ui, chromium, url, tmp_path, scenario, timeout=120)
+    log = (tmp_path / "worker.log").read_text()
+    assert "GET /?token=<redacted> HTTP/1.1" in log
+    assert token not in log
 
 
 def test_upload_file_from_page(chromium, files_worker, ui_server, tmp_path):
@@ -225,7 +247,8 @@ BIG_KEYS = 80_000
 BIG_PREVIEW = re.compile(r'k000000\\?":\s?0,\s?\\?"k000001\\?":\s?1,')
 
 
-def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: int):
+def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: int,
+                          token: str | None = None):
     """Paste 1.4 MB of JSON into a JSON Input node, then reload the page.
 
     1. The UI sends the oversized ``set_io_value`` via ``POST /message/``; the worker's
@@ -235,6 +258,9 @@ def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: 
        than the limit, which only bounds what clients send.
     3. After a reload the output's preview is only available through ``get_io_value``,
        whose 1.3 MB result again comes as a hint: what the page shows was fetched.
+
+    With a ``token``, ``url`` is the worker's own ``/?token=T``: the UI gets a worker URL
+    with the token, from which it derives ``/?token=T/message/...``.
     """
     page = ui.page
     big = {f"k{i:06d}": i for i in range(BIG_KEYS)}
@@ -252,7 +278,11 @@ def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: 
 
     page.on("websocket", lambda ws: ws.on("framereceived", on_frame))
     page.on("response", lambda r: messages.append(r) if "/message/" in r.url else None)
-    fetch_url = re.compile(rf"^http://127\.0\.0\.1:{worker_port}/message/([0-9a-f-]{{36}})$")
+    sockets, refused = [], []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    page.on("response", lambda r: refused.append(r.url) if r.status == 401 else None)
+    http_base = f"http://127.0.0.1:{worker_port}/" + (f"?token={token}/" if token else "")
+    fetch_url = re.compile(rf"^{re.escape(http_base)}message/([0-9a-f-]{{36}})$")
 
     def fetched():
         """(msg_id, parsed JSON) of every GET /message/<id> so far; all must be 200s."""
@@ -266,9 +296,18 @@ def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: 
             out.append((match.group(1), response.json()))
         return out
 
-    page.goto(url)
+    if token:
+        _follow_link_from_elsewhere(page, url)
+        expect(page).to_have_url(
+            f"http://127.0.0.1:{worker_port}/static/index.html?token={token}"
+            f"&worker_url=ws://127.0.0.1:{worker_port}/%3Ftoken%3D{token}"
+        )
+    else:
+        page.goto(url)
     ui.open_library()
     expect(ui.shelf("basics")).to_be_visible()
+    if token:
+        assert sockets == [f"ws://127.0.0.1:{worker_port}/?token={token}"]
     node = ui.add_node("input.json", "JSON Input")
     expect(node).to_be_visible()
     ui.close_library()
@@ -282,7 +321,7 @@ def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: 
         ui.paste_input(node, "input", text)
     posts = [r for r in messages if r.request.method == "POST"]
     assert [(r.url, r.status) for r in posts] == [
-        (f"http://127.0.0.1:{worker_port}/message/", 200)
+        (f"{http_base}message/", 200)
     ], "the UI should send the 1.4 MB set_io_value over POST /message/"
     [(msg_id, message)] = fetched()
     assert msg_id in hints, "fetched a message the worker never pointed to"
@@ -302,6 +341,18 @@ def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: 
         "no fetched message carried the output's value: "
         + ", ".join(str(m.get("type")) for _, m in after_reload)
     )
+    assert not refused, f"refused: {refused}"
+
+
+def _follow_link_from_elsewhere(page, url: str):
+    """Open ``url`` the way a link in a chat or a mail does: from a page of another site,
+    for which the browser holds back the worker's SameSite=Strict cookie."""
+    page.route(
+        "http://elsewhere.test/",
+        lambda route: route.fulfill(content_type="text/html", body=f'<a href="{url}">worker</a>'),
+    )
+    page.goto("http://elsewhere.test/")
+    page.click("a")
 
 
 # --------------------------------------------------------------------------- uploads

@@ -80,10 +80,10 @@ class Recorder:
     def __init__(self):
         self.messages = []
 
-    def broadcast(self, message):
+    def broadcast(self, message, hold=False):
         self.messages.append(message)
 
-    def broadcast_binary(self, payload, header):
+    def broadcast_binary(self, payload, header, hold=False):
         self.messages.append({"binary": header})
 
     def events(self, start=0):

@@ -21,12 +21,13 @@ import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor, task, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import StringTransport
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 import wsclient
-from funcnodes_tw import persistence
+from funcnodes_tw import persistence, resources, wire
 from funcnodes_tw.tap import Options, makeService
 from wsclient import CommandError
 
@@ -396,6 +397,7 @@ def test_spilled_entry_is_served_from_its_file(start, tmp_path):
     spill.mkdir()
     worker.store.spill_size = 1000
     worker.store.folder = str(spill)
+    worker.store.resident_bytes = 0  # no RAM to spare: big entries go to disk
     hint = yield make_large(worker, client, "spilled")
     [spilled] = list(spill.iterdir())
     stored = spilled.read_bytes()
@@ -415,6 +417,51 @@ def test_spilled_entry_is_served_from_its_file(start, tmp_path):
     assert list(spill.iterdir()) == []
     response, _ = yield fetch(worker, hint["msg_id"])
     assert response.code == 404
+
+
+@pytest_twisted.inlineCallbacks
+def test_value_of_several_chunks_is_held_once_and_served_exactly(start):
+    """
+    A value over L{wire.CHUNK}, fetched twice: both replies hold the same
+    raw bytes, and each body, base64'd piece by piece as it is sent, is exact.
+    """
+    worker = yield start(*SMALL_FRAMES, "--max-upload-size", str(16 * 2**20))
+    client = yield worker.connect()
+    nid = yield add_upper(client)
+    value = "abc\u00e9" * 600_001  # 3 000 005 bytes of UTF-8: base64 with padding
+    start_at = len(client.transcript)
+    command = {"type": "cmd", "cmd": "set_io_value", "id": "set",
+               "kwargs": {"nid": nid, "ioid": "s", "value": value}}
+    response = yield worker.http.post(worker.url("/message/"), data=json.dumps(command).encode())
+    assert (response.code, (yield response.content())) == (200, b"Message received")
+    yield client.wait_for(is_large, start=start_at)  # the result of set_io_value
+    hints = []
+    for msgid in ("full-1", "full-2"):
+        start_at = len(client.transcript)
+        client.send_json({"type": "cmd", "cmd": "get_io_full_value", "id": msgid,
+                          "kwargs": {"nid": nid, "ioid": "s"}})
+        hints.append((yield client.wait_for(is_large, start=start_at)))
+    first, second = (worker.store._entries[hint["msg_id"]].message for hint in hints)
+    assert first.parts[1] is second.parts[1]
+    assert len(first) > 2 * wire.CHUNK
+    for hint, msgid in zip(hints, ("full-1", "full-2")):
+        response, body = yield fetch(worker, hint["msg_id"])
+        assert response.code == 200 and response.length == len(body)
+        message = json.loads(body)
+        assert message["id"] == msgid
+        assert base64.b64decode(message["result"]["data"]).decode() == value
+
+
+def test_message_bodies_go_out_in_big_writes():
+    class Connection:
+        SEND_LIMIT = 128 * 1024
+
+    connection = Connection()
+    resources._big_writes(connection)
+    assert connection.SEND_LIMIT == wire.CHUNK
+    other = StringTransport()
+    resources._big_writes(other)
+    assert not hasattr(other, "SEND_LIMIT")
 
 
 @pytest_twisted.inlineCallbacks

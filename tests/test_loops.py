@@ -6,11 +6,19 @@ saves must only happen when something changed, and the heartbeat must stop
 the worker exactly when clients went quiet for too long.
 """
 
-import pytest
-from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
+import base64
+import json
 
-from funcnodes_tw import commands, loops
+import asyncio
+
+import funcnodes_core as fn
+import pytest
+import pytest_twisted
+from funcnodes_core import BytesEncdata
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock, deferLater
+
+from funcnodes_tw import commands, loops, wire
 from funcnodes_tw.messages import LargeMessageStore
 from funcnodes_tw.persistence import WorkerFiles
 from funcnodes_tw.settings import Settings
@@ -28,6 +36,7 @@ class FakeNode:
         self.fail = fail
         self.ticks = 0
         self.in_trigger = False
+        self._requests_trigger = False
 
     def trigger_if_requested(self):
         self.ticks += 1
@@ -42,6 +51,11 @@ class FakeNode:
 class FakeNodeSpace:
     def __init__(self, *nodes):
         self.nodes = list(nodes)
+
+    def get_node_by_id(self, nid):
+        if nid not in range(len(self.nodes)):
+            raise ValueError(nid)
+        return self.nodes[nid]
 
 
 def started_drain(clock, *nodes):
@@ -89,10 +103,10 @@ def test_kick_restarts_an_idle_drain_once():
     assert clock.getDelayedCalls() == []
 
 
-def test_a_running_trigger_keeps_the_drain_awake():
+def test_a_request_waiting_for_a_running_trigger_keeps_the_drain_awake():
     clock = Clock()
     node = FakeNode()
-    node.in_trigger = True
+    node.in_trigger = node._requests_trigger = True
     started_drain(clock, node)
     clock.pump([loops.DRAIN_INTERVAL] * 5)
     assert node.ticks == 5
@@ -100,6 +114,32 @@ def test_a_running_trigger_keeps_the_drain_awake():
     clock.pump([loops.DRAIN_INTERVAL] * 5)
     assert node.ticks == 6
     assert clock.getDelayedCalls() == []
+
+
+def test_a_running_trigger_alone_lets_the_drain_sleep():
+    # A graph at work (a chain sleeping its pretrigger delays) runs its own
+    # triggers: ticking beside it only wakes the worker up.
+    clock = Clock()
+    node = FakeNode()
+    node.in_trigger = True
+    started_drain(clock, node)
+    clock.pump([loops.DRAIN_INTERVAL] * 5)
+    assert node.ticks == 1
+    assert clock.getDelayedCalls() == []
+
+
+def test_only_a_node_holding_a_request_starts_the_drain():
+    clock = Clock()
+    busy, idle = FakeNode(), FakeNode()
+    drain = started_drain(clock, busy, idle)
+    clock.advance(loops.DRAIN_INTERVAL)
+    for nid in (1, 7, None, {"id": "a node_added event"}):
+        drain.node_event(nid)
+    assert clock.getDelayedCalls() == []
+    busy._requests_trigger = True
+    drain.node_event(0)
+    assert len(clock.getDelayedCalls()) == 1
+    drain.stopService()
 
 
 def test_kick_before_start_and_after_stop_does_nothing():
@@ -124,7 +164,7 @@ def test_a_failing_node_does_not_stop_the_others():
     assert fine.ticks == 3 and broken.ticks == 3
 
 
-def test_worker_activity_kicks_the_drain(tmp_path):
+def test_node_events_reach_the_drain(tmp_path):
     """
     The service wires node-space events to the drain.
     """
@@ -134,10 +174,58 @@ def test_worker_activity_kicks_the_drain(tmp_path):
     service = WorkerService(worker, clock, Settings(max_message_size=1024 * 1024))
     service.triggers.startService()
     clock.advance(loops.DRAIN_INTERVAL)
-    assert not service.triggers._call.running
-    worker.on_activity()
+    node = worker.nodespace.add_node_instance(_Gated())
+    node.emit("after_request_trigger")
+    assert not service.triggers._call.running, "no request held"
+    node._requests_trigger = True
+    node.emit("after_request_trigger")
     assert service.triggers._call.running
     service.triggers.stopService()
+
+
+_GATE = []
+
+
+@fn.NodeDecorator("tw_test_gated", name="Gated")
+async def _gated(a: int) -> int:
+    """
+    Returns C{a} once the test opens the gate (an asyncio event).
+    """
+    await _GATE[-1].wait()
+    return a
+
+
+_Gated = _gated
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_made_while_the_node_runs_is_run_after_it(tmp_path):
+    from twisted.internet import reactor
+
+    worker = Worker(WorkerFiles("gated", root=tmp_path), "gated", clock=reactor)
+    triggers = loops.TriggerDrain(worker.nodespace, reactor)
+    worker.on_node_event = triggers.node_event
+    triggers.startService()
+    _GATE.append(asyncio.Event())
+    node = worker.nodespace.add_node_instance(_Gated(pretrigger_delay=0))
+    try:
+        while triggers._call.running:  # the tick that startService asks for
+            await deferLater(reactor, loops.DRAIN_INTERVAL, lambda: None)
+        node.inputs["a"].value = 1
+        await deferLater(reactor, 0, lambda: None)
+        assert node.in_trigger and not triggers._call.running, "ran at once, no drain"
+        node.inputs["a"].value = 2  # busy: funcnodes-core only notes the request
+        assert triggers._call.running
+        _GATE[-1].set()
+        for _ in range(200):
+            if node.outputs["out"].value == 2 and not node.in_trigger:
+                break
+            await deferLater(reactor, loops.DRAIN_INTERVAL, lambda: None)
+        assert node.outputs["out"].value == 2
+    finally:
+        _GATE[-1].set()
+        triggers.stopService()
+        worker.nodespace.clear()
 
 
 # endregion
@@ -340,7 +428,7 @@ def test_service_expires_parked_messages(tmp_path):
 
 def _read(store, msgid):
     message = store.open(msgid)
-    return None if message is None else message.read()
+    return None if message is None else b"".join(message.chunks())
 
 
 def test_store_spills_large_entries_to_a_file_and_deletes_it(tmp_path):
@@ -348,7 +436,9 @@ def test_store_spills_large_entries_to_a_file_and_deletes_it(tmp_path):
     Big entries wait on disk, not in RAM, and their file goes with the entry.
     """
     clock = Clock()
-    messages = LargeMessageStore(clock, lambda: "http://h:1", spill_size=10, folder=tmp_path)
+    messages = LargeMessageStore(
+        clock, lambda: "http://h:1", spill_size=10, folder=tmp_path, resident_bytes=0
+    )
     small, big = messages.put(b"tiny"), messages.put(b"x" * 100)
     assert [p.name.startswith("fn-message-") for p in tmp_path.iterdir()] == [True]
     assert _read(messages, small) == b"tiny" and _read(messages, big) == b"x" * 100
@@ -356,3 +446,53 @@ def test_store_spills_large_entries_to_a_file_and_deletes_it(tmp_path):
     messages.expire()
     assert list(tmp_path.iterdir()) == []
     assert messages.size == 0
+
+
+def _value_reply(data, msgid):
+    return wire.dumps_lazy(wire.result(BytesEncdata(data, True, "text/plain"), msgid))
+
+
+def test_store_holds_the_same_value_once_and_serves_each_reply(tmp_path):
+    """
+    Replies with equal raw data (the same value fetched twice) share it in
+    RAM; each is still served with its own id, base64'd while sent.
+    """
+    messages = LargeMessageStore(Clock(), lambda: "http://h:1", spill_size=10, folder=tmp_path)
+    value = bytes(range(256)) * 40
+    first = messages.put(_value_reply(value, "a"))
+    held = messages.resident
+    second = messages.put(_value_reply(bytes(value), "b"))
+    assert held > len(value)
+    assert messages.resident - held < 100, "the second copy is not held"
+    assert list(tmp_path.iterdir()) == []
+    for msgid, reply_id in [(first, "a"), (second, "b")]:
+        reply = json.loads(_read(messages, msgid))
+        assert reply["id"] == reply_id
+        assert base64.b64decode(reply["result"]["data"]) == value
+    messages.clear()
+    assert (messages.size, messages.resident, messages._held) == (0, 0, {})
+
+
+def test_store_moves_the_oldest_big_entries_to_disk(tmp_path):
+    """
+    Past C{resident_bytes}, older big entries go to disk first: the newest is
+    the one a client is about to fetch.
+    """
+    clock = Clock()
+    messages = LargeMessageStore(
+        clock, lambda: "http://h:1", spill_size=100, folder=tmp_path, resident_bytes=2500
+    )
+    small = messages.put(b"s" * 50)
+    old = messages.put(_value_reply(b"o" * 1200, "old"))
+    new = messages.put(_value_reply(b"n" * 1200, "new"))
+    assert messages.resident <= 2500
+    assert [e.path is None for e in messages._entries.values()] == [True, False, True]
+    assert json.loads(_read(messages, old))["id"] == "old"
+    assert json.loads(_read(messages, new))["id"] == "new"
+    assert _read(messages, small) == b"s" * 50
+    newest = messages.put(_value_reply(b"m" * 3000, "too big for RAM"))
+    assert messages._entries[newest].path is not None
+    assert json.loads(_read(messages, newest))["id"] == "too big for RAM"
+    clock.advance(messages.ttl)
+    messages.expire()
+    assert (messages.size, messages.resident, list(tmp_path.iterdir())) == (0, 0, [])

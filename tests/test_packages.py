@@ -10,6 +10,7 @@ the project's own environment. The machine's pip configuration is ignored
 (C{PIP_CONFIG_FILE=/dev/null}).
 """
 
+import gc
 import importlib
 import importlib.metadata
 import json
@@ -174,10 +175,10 @@ class Recorder:
     def __init__(self):
         self.messages = []
 
-    def broadcast(self, message):
+    def broadcast(self, message, hold=False):
         self.messages.append(message)
 
-    def broadcast_binary(self, payload, header):
+    def broadcast_binary(self, payload, header, hold=False):
         pass
 
     def progress(self):
@@ -365,6 +366,53 @@ async def test_already_installed_spawns_no_pip(tmp_path, monkeypatch):
         ]
     assert fake.calls == []
     assert worker.nodespace.lib.has_node_id("input.int")
+
+
+@pytest_twisted.ensureDeferred
+async def test_library_commands_do_not_rescan_an_unchanged_environment(tmp_path, monkeypatch):
+    """
+    funcnodes-core's module scan (a full gc.collect for each module it never
+    imported, with the reactor blocked) runs again only when the environment
+    changed, or after pip ran.
+    """
+    environment = ["before"]
+    monkeypatch.setattr(libraries, "_environment_key", lambda: tuple(environment))
+    worker = new_worker(tmp_path)
+    await run(worker, "add_package_dependency", name="funcnodes-basic")
+    scans, collections = [], []
+    scan = libraries.setup
+    monkeypatch.setattr(libraries, "setup", lambda: (scans.append(1), scan())[1])
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: (collections.append(1), collect(*a))[1])
+    for _ in range(2):
+        await run(worker, "remove_shelf", src="funcnodes_basic")
+        await run(worker, "add_shelf", src="funcnodes_basic")
+        await run(worker, "add_package_dependency", name="funcnodes-basic")
+        await run(worker, "remove_package_dependency", name="funcnodes-basic")
+        await run(worker, "add_package_dependency", name="funcnodes-basic")
+        await run(worker, "get_available_modules")
+    assert (scans, collections) == ([], [])
+    assert worker.nodespace.lib.has_node_id("input.int")
+
+    environment.append("a package was installed")
+    await run(worker, "get_available_modules")
+    await run(worker, "add_shelf", src="funcnodes_basic")
+    assert len(scans) == 1
+    packages.refresh_discovery()
+    assert len(scans) == 2
+
+
+def test_the_environment_key_changes_with_sys_path_and_its_folders(tmp_path, monkeypatch):
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    os.utime(site, ns=(0, 0))
+    before = libraries._environment_key()
+    monkeypatch.syspath_prepend(str(site))
+    on_path = libraries._environment_key()
+    assert on_path != before
+    assert libraries._environment_key() == on_path
+    (site / "tinyfn-0.1.dist-info").mkdir()
+    assert libraries._environment_key() != on_path
 
 
 @pytest.mark.parametrize(

@@ -310,3 +310,34 @@ def test_sigterm_saves_the_graph(tmp_path, spawn):
     child.transport.signalProcess("TERM")
     yield child.ended()
 
+
+
+@pytest_twisted.inlineCallbacks
+def test_launcher_runs_nodes_on_uvloop(tmp_path, spawn):
+    pytest.importorskip("uvloop")
+    config_dir, data_path = tmp_path / "config", tmp_path / "data"
+    port = free_port()
+    argv = worker_argv(launcher_argv("--uvloop"), port, data_path, "tw_uvloop")
+    child = spawn("uvloop", argv, config_dir)
+    yield wait_ready(child, port)
+    assert b"Running on uvloop" in child.out, child.tail()
+
+    client = yield connect(reactor, f"ws://127.0.0.1:{port}")
+    add = (yield client.call("add_node", id="add_node"))["id"]
+    yield client.call("set_io_value", nid=add, ioid="b", value=2)
+    yield client.call("set_io_value", nid=add, ioid="a", value=3)
+
+    def preview_of_out(msg):
+        header = msg.get("header", {}) if msg.get("binary") else {}
+        return header.get("type") == "io_value" and (header.get("node"), header.get("io")) == (
+            add,
+            "out",
+        )
+
+    yield client.wait_for(preview_of_out, timeout=10)  # the node ran as a task on uvloop
+    assert (yield client.call("get_io_value", nid=add, ioid="out")) == 5
+    child.transport.signalProcess("TERM")
+    yield client.when_closed()
+    reason = yield child.ended()
+    assert isinstance(reason, error.ProcessDone), child.tail()
+    assert b"Traceback" not in child.out + child.err, child.tail()

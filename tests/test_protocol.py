@@ -5,8 +5,8 @@ No sockets: the worker's real factory (built by L{WorkerService}) talks to an
 Autobahn client through L{twisted.test.iosim}, and Autobahn's timers run on a
 L{MemoryReactorClock}. funcnodes-core still needs the running asyncio loop
 (it schedules triggers with C{asyncio.create_task}, and events are flushed
-with the loop's C{call_soon}), so L{Session.settle} gives the real reactor a
-few turns between pumps.
+with the loop's C{call_soon}), so L{Session.settle} lets the real reactor
+run until it is idle between pumps.
 """
 
 import asyncio
@@ -16,14 +16,13 @@ import pytest
 import pytest_twisted
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 
 import funcnodes_core as fn
-from funcnodes_tw import commands
+from funcnodes_tw import aio, commands
 from funcnodes_tw.persistence import WorkerFiles
 from funcnodes_tw.settings import Settings
 from funcnodes_tw.service import WorkerService
@@ -120,11 +119,14 @@ class Session:
     @pytest_twisted.inlineCallbacks
     def settle(self, turns=3):
         """
-        Pump, and let the real loop run queued events and asyncio tasks.
+        Pump, and let the real loop run queued events and asyncio tasks
+        until it is idle, when the hub sends the node events it held.
         """
         for _ in range(turns):
             self.flush()
-            yield deferLater(reactor, 0, lambda: None)
+            idle = Deferred()
+            aio.call_when_idle(lambda: idle.callback(None), 1.0)
+            yield idle
         self.flush()
 
     def close_all(self):
@@ -266,6 +268,19 @@ def test_commands_of_one_client_run_in_order(session, slow):
     slow.set_result("first")
     yield session.settle()
     assert [(f["id"], f["result"]) for f in a.results()] == [(1, "first"), (2, "memworker")]
+
+
+def test_replies_to_commands_read_together_leave_in_one_write(session):
+    a = session.connect()
+    server = session.pumps[-1].server
+    writes = []
+    write = server.transport.write
+    server.transport.write = lambda data: writes.append(data) or write(data)
+    for msgid in (1, 2, 3):
+        a.send_json(cmd("uuid", msgid))
+    session.flush()  # the three frames reach the worker in one read
+    assert [f["id"] for f in a.results()] == [1, 2, 3]
+    assert len(writes) == 1
 
 
 @pytest_twisted.inlineCallbacks

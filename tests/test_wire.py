@@ -12,6 +12,7 @@ import struct
 import uuid
 
 import pytest
+from funcnodes_core import BytesEncdata
 
 from funcnodes_tw import wire
 
@@ -184,6 +185,41 @@ def test_dumps_gives_compact_utf8_bytes():
     out = wire.dumps({"s": "héllo ✓"})
     assert isinstance(out, bytes)
     assert out == '{"s":"héllo ✓"}'.encode("utf-8")
+
+
+def _big_value_messages():
+    value = bytes(range(256)) * 50
+    yield wire.result(BytesEncdata(value, True, "application/octet-stream"), "r1")
+    yield wire.nsevent("many", {"a": [BytesEncdata(value[:wire.DEFERRED_MIN], True, "x")],
+                                "b": BytesEncdata(value[1:], False, None), "nul": "a\x00b"})
+    yield {"big": 2**70, "v": BytesEncdata(value, True, "y")}  # the slow path
+    yield {"small": BytesEncdata(b"ab", True, "z"), "s": "x" * 5000}
+
+
+@pytest.mark.parametrize("message", list(_big_value_messages()))
+def test_dumps_lazy_gives_the_same_text(message):
+    """
+    Whether joined or sent in chunks, the deferred base64 gives exactly the
+    text L{wire.dumps} gives, and its length is known before.
+    """
+    text = wire.dumps(message)
+    encoded = wire.dumps_lazy(message)
+    assert len(encoded) == len(text)
+    assert bytes(encoded) == text
+    if isinstance(encoded, wire.Encoded):
+        for size in (4, 64, 1000, 1 << 20):
+            chunks = list(encoded.chunks(size))
+            assert b"".join(chunks) == text
+            assert max(map(len, chunks)) <= size
+
+
+def test_dumps_lazy_keeps_big_bytes_raw():
+    value = b"\x01" * 3000
+    encoded = wire.dumps_lazy(wire.result(BytesEncdata(value, True, "m"), "r"))
+    assert encoded.parts[1] is value
+    assert encoded.parts[0].endswith(b'{"data":"') and encoded.parts[2].startswith(b'","')
+    small = wire.result(BytesEncdata(b"ab", True, "m"), "r")
+    assert wire.dumps_lazy(small) == wire.dumps(small)
 
 
 def test_pong_is_the_reference_text():
