@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import utils
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from hardening import (
+from inprocess import (
     TOKEN,
     Cert,
     failing,
@@ -54,8 +54,8 @@ ACCEPTED = {
 }
 
 
-#: The token cookie of the worker L{start} names C{w} (uuid C{hard_w}).
-COOKIE = "funcnodes_token_hard_w"
+#: The token cookie of the worker L{start} names C{w} (uuid C{http_w}).
+COOKIE = "funcnodes_token_http_w"
 
 
 def with_token(start, source, *args, token=TOKEN, **kw):
@@ -107,7 +107,7 @@ def test_every_route_refuses_a_request_without_the_right_token(start, monkeypatc
     attempts += [("query", ""), ("query", TOKEN[:-1]), ("query", TOKEN + "x")]
     attempts += [("bearer", TOKEN.upper()), ("query", TOKEN + "%00")]
     # The right token in a cookie of another worker, or in the unscoped name.
-    attempts += [("cookie", TOKEN, c) for c in ("funcnodes_token_hard_other", "funcnodes_token")]
+    attempts += [("cookie", TOKEN, c) for c in ("funcnodes_token_http_other", "funcnodes_token")]
     for auth, token, *cookie in attempts:
         query, headers = credentials(auth, token, *cookie)
         for route in ROUTES:
@@ -252,7 +252,7 @@ def test_two_workers_on_one_host_keep_their_own_cookies(start):
         yield response.content()
         assert response.code == 302
     assert sorted(c.name for c in http._cookiejar) == [
-        "funcnodes_token_hard_other", "funcnodes_token_hard_w"
+        "funcnodes_token_http_other", "funcnodes_token_http_w"
     ]
     assert {c.port for c in http._cookiejar} == {None}, "the jar must not scope by port"
     for worker in (first, second, first):
@@ -518,7 +518,7 @@ def test_tracebacks_reach_clients_only_with_debug(start, monkeypatch, debug):
     if debug:
         text = "".join(errors[0]["tb"])
         assert "Traceback" in text and "ValueError: deliberate failure" in text
-        assert "hardening.py" in text
+        assert "inprocess.py" in text
 
 
 # endregion

@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
 from funcnodes_tw import persistence
-from test_http import start  # noqa: F401  (the fixture)
+from inprocess import start  # noqa: F401  (the fixture)
 
 MiB = 1024 * 1024
 

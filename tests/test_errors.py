@@ -14,7 +14,7 @@ import pytest_twisted
 import fault_nodes
 from funcnodes_tw import wire
 from test_faults import is_event, logged  # noqa: F401 (fixture)
-from test_http import start  # noqa: F401 (fixture)
+from inprocess import start  # noqa: F401 (fixture)
 
 #: The node's error message names a file on the server.
 MESSAGE = "cannot read /srv/secret/data.csv"

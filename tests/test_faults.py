@@ -2,7 +2,7 @@
 Faults the worker must survive: clients that vanish or stop answering, nodes
 that raise, hang or eat memory, and a disk that fills up while saving.
 
-In-process workers (L{test_http.Running}, through its C{start} fixture) where the test needs to look inside
+In-process workers (L{inprocess.Served}, through its C{start} fixture) where the test needs to look inside
 (the hub's clients, the save state, the log); real subprocesses where the
 process itself is the point (stopping with a hung node, a memory limit, a
 real full file system on a small tmpfs).
@@ -28,7 +28,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from test_http import sleep, start  # noqa: F401 (fixture)
+from inprocess import sleep, start  # noqa: F401 (fixture)
 from test_process import (
     EXIT_TIMEOUT,
     free_port,

@@ -51,7 +51,7 @@ from twisted.logger import globalLogPublisher
 
 from funcnodes_tw import commands, libraries, packages, persistence, wire
 from funcnodes_tw.commands import library
-from test_http import start  # noqa: F401  (the fixture)
+from inprocess import start  # noqa: F401  (the fixture)
 
 #: Batches and their size: at least 10 000 messages (plus as many sentinels).
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 500))

@@ -18,149 +18,26 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from treq.client import HTTPClient
-from twisted.internet import defer, reactor, task, tcp
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet import defer, reactor
 from twisted.internet.testing import StringTransport
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 import wsclient
-from funcnodes_tw import persistence, resources, wire
-from funcnodes_tw.tap import Options, makeService
+from funcnodes_tw import resources, wire
+from inprocess import sleep, start, ws_connect  # noqa: F401 (fixture)
 from wsclient import CommandError
 
 #: A small frame limit, so that large messages stay small (tests that need it).
 MAX_MESSAGE = 4096
 SMALL_FRAMES = ("--max-message-size", str(MAX_MESSAGE))
 MAX_UPLOAD = 64 * 1024
+UPLOAD_LIMIT = ("--max-upload-size", str(MAX_UPLOAD))
 BINARY_FRAME = 256
 LOOPBACK_ORIGIN = "http://localhost:5173"
 EVIL_ORIGIN = "http://evil.example"
 
 
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-# region the worker under test
-
-
-class Running:
-    """
-    One worker service listening on 127.0.0.1, with an HTTP client of its own.
-    """
-
-    def __init__(self, tmp_path, name, args):
-        self.data = tmp_path / name / "data"
-        self.files = self.data / "files"
-        options = Options()
-        options.parseOptions(
-            [
-                "--listen", "tcp:port=0:interface=127.0.0.1",
-                "--data-path", str(self.data),
-                "--uuid", f"http_{name}",
-                "--max-upload-size", str(MAX_UPLOAD),
-                *args,
-            ]
-        )
-        self.service = makeService(options, reactor)
-        self.stops = []
-        # stop_worker must not stop the test's reactor.
-        self.service.worker.stop = lambda: self.stops.append(True)
-        self.store = self.service.store
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.http = HTTPClient(Agent(reactor, pool=self.pool))
-        self.clients = []
-        self.port = None
-        self.connections = set(_connections())
-
-    @defer.inlineCallbacks
-    def start(self):
-        self.service.startService()
-        listener = self.service.getServiceNamed("listener")
-        yield listener.listened
-        self.port = listener.port.getHost().port
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}"
-        return self
-
-    def url(self, path):
-        return self.base + path
-
-    @defer.inlineCallbacks
-    def connect(self, origin=None, listening=True):
-        """
-        A WebSocket client; C{listening} makes it talk first, so that it gets
-        broadcasts (the worker holds them back until a client has spoken).
-        """
-        client = yield ws_connect(self.port, origin)
-        self.clients.append(client)
-        if listening:
-            yield client.call("uuid")
-        return client
-
-    @defer.inlineCallbacks
-    def stop(self):
-        yield defer.gatherResults([c.close() for c in self.clients if not c.is_closed])
-        yield self.pool.closeCachedConnections()
-        if self.service.running:
-            yield self.service.stopService()
-        # Server ends of closed connections go away on the next turns.
-        for _ in range(100):
-            if not set(_connections()) - self.connections:
-                break
-            yield sleep(0.02)
-
-
-def _connections():
-    return [
-        s
-        for s in set(reactor.getReaders()) | set(reactor.getWriters())
-        if isinstance(s, (tcp.Server, tcp.Client))
-    ]
-
-
-def ws_connect(port, origin=None, timeout=5):
-    """
-    L{wsclient.connect}, with an C{Origin} header when asked.
-    """
-    url = f"ws://127.0.0.1:{port}"
-    factory = wsclient._Factory(url, origin=origin)
-    factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=timeout)
-    factory.opened = opened = defer.Deferred()
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=timeout)
-
-    def failed(failure):
-        if not opened.called:
-            factory.opened = None
-            opened.errback(failure)
-
-    endpoint.connect(factory).addErrback(failed)
-    return opened
-
-
-@pytest.fixture
-def start(tmp_path, monkeypatch, clean_reactor):
-    """
-    C{yield start(*extra_args, name=...)} gives a listening L{Running} worker;
-    every worker started is stopped after the test.
-    """
-    monkeypatch.setattr(persistence, "workers_dir", lambda: tmp_path / "workers")
-    running = []
-
-    def _start(*args, name="w"):
-        worker = Running(tmp_path, name, args)
-        running.append(worker)
-        return worker.start()
-
-    yield _start
-    for worker in reversed(running):
-        pytest_twisted.blockon(worker.stop())
-
-
-# endregion
 # region helpers
 
 
@@ -525,7 +402,7 @@ def test_post_message_refuses_what_is_not_a_message(start, body):
 
 @pytest_twisted.inlineCallbacks
 def test_post_message_over_the_body_limit_is_413(start):
-    worker = yield start()
+    worker = yield start(*UPLOAD_LIMIT)
     command = {"type": "cmd", "cmd": "uuid", "id": "x", "kwargs": {}, "pad": "p" * MAX_UPLOAD}
     response = yield worker.http.post(worker.url("/message/"), data=json.dumps(command).encode())
     assert response.code == 413
@@ -650,7 +527,7 @@ def test_unescaped_backslashes_stay_inside_files(start, tmp_path):
 
 @pytest_twisted.inlineCallbacks
 def test_upload_size_limit(start):
-    worker = yield start()
+    worker = yield start(*UPLOAD_LIMIT)
     big = os.urandom(MAX_UPLOAD + 1024)
     body, content_type = multipart([("file", b"big.bin", big)])
 
@@ -794,7 +671,7 @@ def test_allow_origin_option(start, allowed, origin):
     response, text = yield upload(worker, [("file", b"allowed.txt", b"yes")], {"origin": origin})
     assert (response.code, json.loads(text)) == (200, {"file": "allowed.txt"})
     assert (worker.files / "allowed.txt").read_bytes() == b"yes"
-    client = yield worker.connect(origin=origin)
+    client = yield worker.connect(headers={"Origin": origin})
     assert (yield client.call("uuid")) == "http_w"
 
 
@@ -816,10 +693,11 @@ def test_websocket_origin_check(start):
     assert response.code == 403
 
     with pytest.raises(ConnectionError):
-        yield ws_connect(worker.port, origin=EVIL_ORIGIN)
+        yield ws_connect(worker, headers={"Origin": EVIL_ORIGIN})
 
     for origin in (None, LOOPBACK_ORIGIN, "http://127.0.0.1:3000"):
-        client = yield worker.connect(origin=origin, listening=False)
+        headers = {"Origin": origin} if origin else None
+        client = yield worker.connect(headers=headers, listening=False)
         assert (yield client.call("uuid")) == "http_w"
     # The refused handshake left no client behind.
     assert len(worker.service.hub.clients) == 3

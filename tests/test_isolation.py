@@ -2,7 +2,7 @@
 Process isolation: C{separate_process} / C{separate_thread} nodes, the process
 pool, external commands, and that nothing outlives the worker.
 
-In-process tests run a worker service on 127.0.0.1 (L{test_http.Running});
+In-process tests run a worker service on 127.0.0.1 (L{inprocess.Served});
 the orphan test runs C{python -m funcnodes_tw} as a child and watches its
 descendants in /proc. The test nodes live in C{tests/isolation_nodes.py}.
 
@@ -28,7 +28,7 @@ import funcnodes_core as fn
 
 from funcnodes_tw import aio, isolation, processes  # before isolation_nodes: installs
 import isolation_nodes  # noqa: E402
-from test_http import Running
+from inprocess import Served
 from workers import start_ours
 from wsclient import connect
 
@@ -202,7 +202,7 @@ def start(tmp_path, monkeypatch, clean_reactor):
     running = []
 
     def _start(name="iso"):
-        worker = Running(tmp_path, name, [])
+        worker = Served(tmp_path, name, [])
         running.append(worker)
         return worker.start()
 

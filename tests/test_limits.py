@@ -19,7 +19,7 @@ from twisted.python import usage
 from funcnodes_tw import persistence
 from funcnodes_tw.protocol import CLOSE_TOO_SLOW
 from funcnodes_tw.tap import Options
-from hardening import (
+from inprocess import (
     handshake,
     multipart,
     recorder,

@@ -1,11 +1,11 @@
 """
-Shared pieces of test_access.py and test_limits.py: an in-process worker on
-127.0.0.1 (plain or TLS) with its own HTTP client, WebSocket and raw
-handshake helpers, test-only commands and a self-signed certificate.
+A worker service in the test's own process, listening on 127.0.0.1 (plain
+or TLS), with its own HTTP client: the C{start} fixture, WebSocket and raw
+handshake helpers, test-only commands and a self-signed certificate, for the
+tests that need to look inside a running worker.
 """
 
 import datetime
-import inspect
 import ipaddress
 import json
 
@@ -100,7 +100,7 @@ class Served:
     """
 
     def __init__(self, tmp_path, name, args, tls=None):
-        self.uuid = f"hard_{name}"
+        self.uuid = f"http_{name}"
         self.data = tmp_path / name / "data"
         self.files = self.data / "files"
         self.tls = tls
@@ -187,7 +187,7 @@ def start(tmp_path, monkeypatch, clean_reactor):
 
     def _start(*args, name="w", config=None, tls=None):
         if config is not None:
-            path = tmp_path / "workers" / f"worker_hard_{name}.json"
+            path = tmp_path / "workers" / f"worker_http_{name}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(config))
         worker = Served(tmp_path, name, args, tls)
@@ -270,7 +270,7 @@ def handshake(served, path="/", headers=None, plain=False):
     return int(head[0].split()[1]), fields
 
 
-def multipart(name, content, boundary="hardeningBoundary42"):
+def multipart(name, content, boundary="inprocessBoundary42"):
     body = (
         f"--{boundary}\r\n"
         f'Content-Disposition: form-data; name="file"; filename="{name}"\r\n'
