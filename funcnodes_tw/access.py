@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.logger import Logger, LogLevel
 from twisted.web import resource
@@ -122,13 +122,15 @@ def cookie_name(worker_id):
     return b"funcnodes_token_" + re.sub(r"[^A-Za-z0-9_-]", "_", worker_id).encode("ascii")
 
 
-def presented_tokens(request, cookie):
+def presented_tokens(request, cookie, args=None):
     """
-    Tokens a request carries: C{?token=} (up to a C{/}, see L{split_token}),
+    Tokens a request carries: C{?token=} (up to a C{/}, see L{split_token};
+    from C{args} while the request's own are not parsed yet),
     C{Authorization: Bearer}, or the C{cookie} set when a C{?token=} was
     accepted.
     """
-    tokens = [split_token(value)[0] for value in request.args.get(b"token", [])]
+    args = request.args if args is None else args
+    tokens = [split_token(value)[0] for value in args.get(b"token", [])]
     authorization = request.getHeader(b"authorization") or b""
     scheme, _, credentials = authorization.partition(b" ")
     if scheme.lower() == b"bearer":
@@ -184,6 +186,17 @@ class TokenGuard(resource.Resource):
         if request.args.get(b"token") and not (cookie and _same(cookie, self.token)):
             self._remember(request, mount)
         return True
+
+    def admits_body(self, request, uri):
+        """
+        Whether a request whose body is still to come carries the token,
+        judged from its request line (C{uri}) and headers: the body of one
+        that does not is not stored (its answer is 401 all the same), so
+        strangers cannot fill the disk with uploads up to the size limit.
+        """
+        request.parseCookies()
+        args = parse_qs(uri.partition(b"?")[2])
+        return any(_same(t, self.token) for t in presented_tokens(request, self.cookie, args))
 
     def _remember(self, request, mount):
         """

@@ -290,22 +290,32 @@ class LimitedRequest(server.Request):
 
     A multipart C{POST} to C{upload/} is parsed as it arrives into staging
     beside C{site.upload_folder} instead of being stored (L{take_upload}):
-    each file is written once. Whatever no resource took is discarded.
+    each file is written once. Whatever no resource took is discarded, and
+    so is the body of a request without the worker's token.
     """
 
     too_large = False
     _upload = None
+    _discarding = False
 
     def gotLength(self, length):
         limit = getattr(self.channel.site, "max_body", None)
         if limit is not None and length is not None and length > limit:
             self.too_large = True
+        self._discarding = self.too_large or not self._admitted()
         self._body_bytes = 0
-        self._upload = None if self.too_large else self._start_upload()
+        self._upload = None if self._discarding else self._start_upload()
         if self._upload is None:
-            super().gotLength(None if self.too_large else length)
+            super().gotLength(None if self._discarding else length)
         else:
             self.content = io.BytesIO()
+
+    def _admitted(self):
+        """
+        Whether the site's token guard, if it has one, lets this body in.
+        """
+        admits = getattr(self.channel.site.resource, "admits_body", None)
+        return admits is None or admits(self, getattr(self.channel, "_path", b""))
 
     def _start_upload(self):
         folder = getattr(self.channel.site, "upload_folder", None)
@@ -326,9 +336,9 @@ class LimitedRequest(server.Request):
         limit = getattr(self.channel.site, "max_body", None)
         self._body_bytes += len(data)
         if limit is not None and self._body_bytes > limit and not self.too_large:
-            self.too_large = True
+            self.too_large = self._discarding = True
             self._drop_upload()
-        if self.too_large:
+        if self._discarding:
             return
         if self._upload is not None:
             self._upload.feed(data)

@@ -16,6 +16,7 @@ import pytest_twisted
 from twisted.internet import utils
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from funcnodes_tw import uploads
 from inprocess import (
     TOKEN,
     Cert,
@@ -95,10 +96,21 @@ def request(worker, http, route, path_suffix="", headers=None, msgid="none"):
 # region token
 
 
+def staging(monkeypatch):
+    """
+    Record every upload body that starts to be parsed into staging.
+    """
+    started = []
+    parse = uploads.MultipartUpload
+    monkeypatch.setattr(uploads, "MultipartUpload", lambda *a: started.append(a) or parse(*a))
+    return started
+
+
 @pytest.mark.parametrize("source", SOURCES)
 @pytest_twisted.inlineCallbacks
 def test_every_route_refuses_a_request_without_the_right_token(start, monkeypatch, source):
     calls = recorder(monkeypatch)
+    staged = staging(monkeypatch)
     worker = yield with_token(start, source)
     assert worker.settings.token == TOKEN
     msgid = worker.store.put(PARKED)
@@ -132,6 +144,7 @@ def test_every_route_refuses_a_request_without_the_right_token(start, monkeypatc
     assert response.code == 401
     assert calls == [], "a refused POST /message/ ran its command"
     assert not worker.files.joinpath("a.txt").exists(), "a refused upload was stored"
+    assert staged == [], "a refused upload's body was written to staging"
     assert worker.service.hub.clients == set()
 
 
@@ -140,6 +153,7 @@ def test_every_route_refuses_a_request_without_the_right_token(start, monkeypatc
 @pytest_twisted.inlineCallbacks
 def test_every_route_accepts_the_token(start, monkeypatch, source, auth):
     calls = recorder(monkeypatch)
+    staged = staging(monkeypatch)
     worker = yield with_token(start, source)
     msgid = worker.store.put(PARKED)
     query, headers = credentials(auth, TOKEN)
@@ -154,6 +168,7 @@ def test_every_route_accepts_the_token(start, monkeypatch, source, auth):
         elif route == "POST /upload/":
             assert json.loads(body) == {"file": "a.txt"}
             assert worker.files.joinpath("a.txt").read_bytes() == b"uploaded"
+            assert len(staged) == 1, "the upload was not parsed as it arrived"
         elif route == "GET /worker":
             assert json.loads(body)["uuid"] == worker.uuid
         elif route == "GET /static/index.html":
