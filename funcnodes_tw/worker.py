@@ -36,6 +36,15 @@ SUPPRESSED = frozenset(
     }
 )
 
+#: Events after which a node may hold a trigger request that nothing else
+#: would run (L{funcnodes_tw.loops.TriggerDrain}): it asked for a trigger
+#: while busy, or its running trigger set a value or ended (funcnodes-core's
+#: C{await_trigger} notes a request without an event of its own). The other
+#: events, most of a running graph's, need no look-up of their node.
+DRAIN_EVENTS = frozenset(
+    {"after_request_trigger", "after_set_value", "triggerdone", "node_trigger_error"}
+)
+
 #: Parts of a saved WorkerState that must be objects when present.
 STATE_OBJECTS = ("backend", "meta", "view")
 
@@ -82,8 +91,8 @@ class Worker:
         self.save_requested = False
         #: Why the last save failed (disk full...), None while saving works.
         self.save_error = None
-        #: Called with the C{node} field of every node-space event (the
-        #: trigger drain checks whether that node holds a trigger request).
+        #: Called with the C{node} field of the L{DRAIN_EVENTS} (the trigger
+        #: drain checks whether that node holds a trigger request).
         self.on_node_event = lambda nid: None
         self.stop = lambda: None
         self._later = []
@@ -139,7 +148,8 @@ class Worker:
         self.outlet.broadcast_binary(payload, header, hold=True)
 
     def _on_nodespace_event(self, event, src=None, **data):
-        self.on_node_event(data.get("node"))
+        if event in DRAIN_EVENTS:
+            self.on_node_event(data.get("node"))
         if event in SUPPRESSED:
             return
         if event == "after_set_value":

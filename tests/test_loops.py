@@ -183,6 +183,24 @@ def test_node_events_reach_the_drain(tmp_path):
     service.triggers.stopService()
 
 
+def test_a_running_graph_s_other_events_skip_the_drain_check(tmp_path):
+    """
+    Only events after which a node may hold a request look its node up:
+    most of a running graph's events (four of seven per node) need none.
+    """
+    worker = Worker(WorkerFiles("checks", root=tmp_path), "checks", clock=Clock())
+    checked = []
+    worker.on_node_event = checked.append
+    node = worker.nodespace.add_node_instance(_Gated())
+    for event in ("before_request_trigger", "before_trigger", "after_trigger", "triggerfast"):
+        node.emit(event)
+    assert checked == []
+    node.emit("after_request_trigger")
+    node.emit("triggerdone")
+    assert checked == [node.uuid, node.uuid]
+    worker.nodespace.clear()
+
+
 _GATE = []
 
 

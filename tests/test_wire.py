@@ -12,7 +12,7 @@ import struct
 import uuid
 
 import pytest
-from funcnodes_core import BytesEncdata
+from funcnodes_core import ByteEncoder, BytesEncdata
 
 from funcnodes_tw import wire
 
@@ -87,6 +87,35 @@ def test_every_frame_has_its_own_msgid():
 )
 def test_value_encoding(value, mime, payload):
     assert wire.encode_value(value, preview=False) == (mime, payload)
+
+
+@pytest.mark.parametrize(
+    "value", [0, -1, 2**63 - 1, -(2**63), 0.0, -0.0, 2.5, float("nan"), 1e308]
+)
+def test_plain_numbers_encode_as_funcnodes_core_encodes_them(value):
+    encoded = ByteEncoder.encode(value, preview=True)
+    assert wire.encode_value(value, preview=True) == (encoded.mime, encoded.data)
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**100)])
+def test_ints_beyond_64_bits_fail_as_in_funcnodes_core(value):
+    with pytest.raises(struct.error):
+        ByteEncoder.encode(value, preview=True)
+    with pytest.raises(struct.error):
+        wire.encode_value(value, preview=True)
+
+
+def test_an_encoder_registered_for_a_number_type_is_used(monkeypatch):
+    monkeypatch.setitem(ByteEncoder.encoder_registry, float, [
+        lambda obj, preview: BytesEncdata(data=b"mine", handeled=True, mime="text/x-mine")
+    ])
+    assert wire.encode_value(2.5, preview=True) == ("text/x-mine", b"mine")
+
+
+@pytest.mark.parametrize("value", [1, True, 1.0, ["a", "list"], None, "1"])
+def test_equal_header_values_of_other_types_keep_their_own_text(value):
+    [frame] = wire.binary_frames(b"x", {"id": value, "type": "result"})
+    assert split_frame(frame)[3] == f"id={value}; type=result"
 
 
 def test_preview_cuts_long_strings_but_never_bytes():
