@@ -14,9 +14,11 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import tcp
 from twisted.logger import Logger
+import txaio
 
 from funcnodes_tw import __version__, wire
 from funcnodes_tw.outbox import Outbox
@@ -31,6 +33,16 @@ CORK_LIMIT = 64 * 1024
 CLOSE_TOO_SLOW = 4008
 #: Client frames shorter than this are unmasked in Python (L{unmask}).
 SMALL_FRAME = 256
+#: The pong, framed once: every open UI tab pings every 2 s.
+PONG = PreparedMessage(wire.PONG, False, applyMask=False, doNotCompress=True)
+#: Pings answered without parsing JSON: the UI's spelling and Python's
+#: C{json.dumps}'. Any other spelling of a ping takes the parser. A tuple,
+#: not a set: C{==} on bytes of another length returns at once, where a
+#: hash would read a whole (perhaps megabyte) command.
+PINGS = (b'{"type":"ping"}', b'{"type": "ping"}')
+#: How early Autobahn's auto-ping timers may fire: txaio's batched timers
+#: round the due time down to a whole second.
+TIMER_SLACK = 1.0
 
 
 def unmask(mask, payload):
@@ -67,6 +79,12 @@ class WorkerProtocol(WebSocketServerProtocol):
             self._log.warn("Refused a WebSocket from origin {origin}", origin=origin)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "Origin not allowed")
 
+    def connectionMade(self):
+        super().connectionMade()
+        # The clock of Autobahn's timers (auto-ping): txaio's loop, which
+        # tests set to a Clock; txaio picks the reactor on first use.
+        self._clock = txaio.config.loop or self.factory.reactor
+
     def onOpen(self):
         self._commands = deque()
         self._busy = False
@@ -84,6 +102,9 @@ class WorkerProtocol(WebSocketServerProtocol):
         if isBinary:
             error = wire.MessageError("Binary frames are not accepted; send JSON text")
             self.factory.hub.send(self, wire.error(error, None))
+            return
+        if payload in PINGS:
+            self.send_pong()
             return
         message = self.factory.dispatcher.parse(self, payload)
         if message is None:
@@ -133,6 +154,12 @@ class WorkerProtocol(WebSocketServerProtocol):
         """
         if self.state == self.STATE_OPEN:
             self.outbox.put(payload, False, hold=hold)
+
+    def send_pong(self):
+        """
+        Answer a ping, with the same bytes as C{send_text(wire.PONG)}.
+        """
+        self.send_prepared(PONG, len(wire.PONG))
 
     def send_binary(self, payload, key=None, hold=False):
         """
@@ -187,6 +214,7 @@ class WorkerProtocol(WebSocketServerProtocol):
     def dataReceived(self, data):
         # Not Autobahn's, which formats a debug line for every read even
         # with debug logging off.
+        self._heard_at = self._clock.seconds()  # for _sendAutoPing
         with self.corked():
             rest = self._read_text_frames(data)
             if rest:
@@ -269,6 +297,24 @@ class WorkerProtocol(WebSocketServerProtocol):
             self._onMessage(b"".join(self.message_data), self.message_is_binary)
         self.message_data = None
 
+    def _sendAutoPing(self):
+        """
+        Ping only a client that has been silent for C{autoPingInterval}.
+
+        Autobahn pings on a fixed schedule; but a client's own frames (the
+        UI pings every 2 s) already show the connection is alive, and each
+        ping costs the worker a send and a wakeup for the pong. A half-open
+        client is still pinged an interval after its last frame and
+        dropped C{autoPingTimeout} later.
+        """
+        silent = self._clock.seconds() - self._heard_at
+        if silent < self.autoPingInterval - TIMER_SLACK:
+            self.autoPingPendingCall = self.factory._batched_timer.call_later(
+                self.autoPingInterval - silent, self._sendAutoPing
+            )
+            return
+        super()._sendAutoPing()
+
     def _too_slow(self):
         self._log.warn(
             "Closing {peer}: more than {limit} bytes waiting for it",
@@ -332,20 +378,20 @@ def send_now(transport, data):
     transport.write(data)
 
 
-def protocol_options(max_message_size, ping_interval=10, ping_timeout=20):
+def protocol_options(max_incoming, ping_interval=10, ping_timeout=20):
     """
     The one place where worker settings become Autobahn's protocol options.
 
     Autobahn's defaults suit a client, not a server: no payload cap, no
-    auto-ping. Frames above the cap close the connection with 1009, as with
-    the reference; auto-ping finds half-open connections. A protocol error
+    auto-ping. A client's message or frame above C{max_incoming} closes the
+    connection with 1009; auto-ping finds half-open connections. A protocol error
     (1002), invalid UTF-8 (1007) or an oversized message (1009) closes with
     that code: Autobahn's default C{failByDrop} would drop the TCP
     connection without a close frame, so clients would see only 1006.
     """
     return {
-        "maxFramePayloadSize": max_message_size,
-        "maxMessagePayloadSize": max_message_size,
+        "maxFramePayloadSize": max_incoming,
+        "maxMessagePayloadSize": max_incoming,
         "autoPingInterval": ping_interval,
         "autoPingTimeout": ping_timeout,
         "utf8validateIncoming": True,

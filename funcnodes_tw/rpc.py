@@ -42,7 +42,7 @@ class Dispatcher:
         kind = message.get("type")
         if kind == "ping":
             if client is not None:
-                client.send_text(wire.PONG)
+                client.send_pong()
             return None
         if kind != "cmd":
             return None

@@ -99,7 +99,7 @@ class WorkerService(MultiService):
             self.hub,
             self.dispatcher,
             protocol_options(
-                settings.max_message_size, settings.ping_interval, settings.ping_timeout
+                settings.max_incoming_size, settings.ping_interval, settings.ping_timeout
             ),
             self.origins,
             settings.max_client_queue,

@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 MiB = 1024 * 1024
+#: The default cap on a client's message: the Autobahn TestSuite's largest
+#: messages (cases 9.x) pass, and one client holds at most this much.
+DEFAULT_INCOMING = 16 * MiB
 
 
 def _env(name, default):
@@ -19,8 +22,14 @@ def _env(name, default):
 
 @dataclass
 class Settings:
-    #: Largest message a client may send; larger text replies go via HTTP.
+    #: Text replies and events larger than this (less the reference's 10 %
+    #: margin) go out as C{large_message} pointers, fetched over HTTP.
     max_message_size: int = _env("FUNCNODES_WS_WORKER_MAX_SIZE", MiB)
+    #: Largest WebSocket message (and frame) a client may send; bigger ones
+    #: close the connection with 1009. None: 16 MiB, or C{max_message_size}
+    #: when that is larger. (The reference caps both at
+    #: C{max_message_size}; the UI sends anything over 1e6 bytes by HTTP.)
+    max_incoming_size: Optional[int] = None
     #: Largest HTTP request body (uploads, C{POST /message/}).
     max_upload_size: int = _env("FUNCNODES_WS_WORKER_MAX_DATA_SIZE", 10 * 1024 * MiB)
     #: Bytes a slow client may fall behind before it is disconnected.
@@ -51,6 +60,10 @@ class Settings:
     #: debug, info, warn or error.
     log_level: str = "info"
 
+    def __post_init__(self):
+        if self.max_incoming_size is None:
+            self.max_incoming_size = max(DEFAULT_INCOMING, self.max_message_size)
+
 
 NAMES = [field.name for field in fields(Settings)]
 
@@ -58,6 +71,7 @@ NAMES = [field.name for field in fields(Settings)]
 #: converted by their own option definitions).
 _KINDS = {
     "max_message_size": int,
+    "max_incoming_size": int,
     "max_upload_size": int,
     "max_client_queue": int,
     "max_binary_frame": int,

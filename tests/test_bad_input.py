@@ -1,6 +1,7 @@
 """
 Bad input over real sockets: a worker listening on 127.0.0.1 (production
-settings: 1 MiB message cap) and Autobahn clients sending what a broken or
+settings: 16 MiB cap on a client's message, 1 MiB threshold for replies to
+go out as C{large_message}) and Autobahn clients sending what a broken or
 hostile client would.
 
 Every bad message gets a clear C{error} reply (its C{id} echoed when the
@@ -25,9 +26,11 @@ from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
 from funcnodes_tw import persistence
+from funcnodes_tw.settings import Settings
 from inprocess import start  # noqa: F401  (the fixture)
 
 MiB = 1024 * 1024
+INCOMING = Settings().max_incoming_size
 
 
 # region helpers
@@ -422,8 +425,8 @@ def test_integer_ids_beyond_64_bits_come_back_as_floats(probe):
 @pytest_twisted.inlineCallbacks
 def test_huge_id(probe):
     """
-    A 1 MB string id, within the 1 MiB frame limit: echoed in full; the reply
-    is too big for a frame, so it is parked and served by C{GET /message/}.
+    A 1 MB string id: echoed in full; the reply is over the 1 MiB threshold,
+    so it is parked and served by C{GET /message/}.
     """
     p = yield probe()
     msgid = "i" * 1_000_000
@@ -538,11 +541,11 @@ def test_oversized_message_closes_with_1009(probe):
     p = yield probe()
     client = yield p.worker.connect()
     # Just at the limit is fine (and gets an error: it is not JSON)...
-    client._proto.sendMessage(b" " * MiB, isBinary=False)
+    client._proto.sendMessage(b" " * INCOMING, isBinary=False)
     reply = yield client.wait_for(lambda m: m.get("type") == "error")
     assert reply["error"].startswith("Invalid JSON")
     # ...one byte more is not.
-    message = json.dumps({"type": "cmd", "cmd": "uuid", "id": "x" * MiB}).encode()
+    message = json.dumps({"type": "cmd", "cmd": "uuid", "id": "x" * INCOMING}).encode()
     client._proto.sendMessage(message, isBinary=False)
     yield client.when_closed()
     assert client.close_code == 1009
@@ -550,8 +553,8 @@ def test_oversized_message_closes_with_1009(probe):
     client = yield p.worker.connect()
     proto = client._proto
     proto.beginMessage(isBinary=False)
-    for _ in range(17):
-        proto.sendMessageFrame(b" " * (64 * 1024))
+    for _ in range(INCOMING // (256 * 1024) + 1):
+        proto.sendMessageFrame(b" " * (256 * 1024))
     proto.endMessage()
     yield client.when_closed()
     assert client.close_code == 1009
@@ -562,7 +565,7 @@ def test_oversized_message_closes_with_1009(probe):
 def test_oversized_binary_frame_closes_with_1009(probe):
     p = yield probe()
     client = yield p.worker.connect()
-    client._proto.sendMessage(b"\0" * (MiB + 1), isBinary=True)
+    client._proto.sendMessage(b"\0" * (INCOMING + 1), isBinary=True)
     yield client.when_closed()
     assert client.close_code == 1009
     yield p.check_alive()

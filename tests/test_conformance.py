@@ -13,18 +13,11 @@ kosoku imports the TestSuite's case files together with its own C{autobahn}
 shim package, which cannot share a process with the real Autobahn, so it
 runs in a child process (~1 s to start) while this process serves.
 
-Two verdicts are not OK by design of the suite, not of the worker:
- - 7.1.6, 7.13.1 and 7.13.2 are always INFORMATIONAL (behaviour the RFC
-   leaves open); kosoku counts them as passed.
- - The 9.x cases above 1 MiB (9.1.4-9.1.6, 9.2.4-9.2.6, 9.3.x, 9.4.x: 4 to
-   16 MiB) expect an echo. The worker deliberately refuses client messages
-   over C{max_message_size} (1 MiB, the reference's
-   C{FUNCNODES_WS_WORKER_MAX_SIZE}; the UI sends larger ones by HTTP), with a
-   1009 close. The suite scores that FAILED ("did not receive message",
-   "failed by the wrong endpoint"). So those cases are excluded from the
-   production run, L{test_over_cap_refused_with_1009} pins the refusal and
-   its close code, and L{test_over_cap_echoed_when_cap_raised} runs them on
-   the same stack with only the cap raised to 16 MiB, where they must be OK.
+The three cases 7.1.6, 7.13.1 and 7.13.2 are always INFORMATIONAL (behaviour
+the RFC leaves open); kosoku counts them as passed. The 9.x cases send
+messages of up to 16 MiB, which the production cap on a client's message
+(C{max_incoming_size}, 16 MiB) lets in; one byte more is refused with 1009
+(C{test_bad_input.test_oversized_message_closes_with_1009}).
 
 Every other case must be OK, which needs C{failByDrop=False} in the
 production options: with Autobahn's default the worker dropped the TCP
@@ -53,9 +46,6 @@ from funcnodes_tw.settings import MiB, Settings
 
 #: Cases 1-10 (there is no 8.x in the TestSuite).
 CASES_1_TO_10 = [f"{major}.*" for major in (1, 2, 3, 4, 5, 6, 7, 9, 10)]
-#: 9.x cases whose message is larger than the production cap of 1 MiB.
-OVER_CAP = ["9.1.4", "9.1.5", "9.1.6", "9.2.4", "9.2.5", "9.2.6", "9.3.*", "9.4.*"]
-OVER_CAP_COUNT = 24
 #: Cases whose verdict is INFORMATIONAL whatever the server does.
 INFORMATIONAL = {"7.1.6", "7.13.1", "7.13.2"}
 #: How many cases 1-10 kosoku 0.1 has (so that a silently shrunken run fails).
@@ -90,7 +80,7 @@ def echo_site(settings):
     factory = make_factory(
         hub,
         None,
-        protocol_options(settings.max_message_size),
+        protocol_options(settings.max_incoming_size),
         OriginPolicy(settings.allowed_origins),
         settings.max_client_queue,
         settings.max_connections,
@@ -189,8 +179,8 @@ def test_production_options():
     What the runs below rely on: the production options, and compression
     off (Autobahn's server factory refuses every offer unless told to accept).
     """
-    options = protocol_options(Settings().max_message_size)
-    assert options["maxMessagePayloadSize"] == options["maxFramePayloadSize"] == MiB
+    options = protocol_options(Settings().max_incoming_size)
+    assert options["maxMessagePayloadSize"] == options["maxFramePayloadSize"] == 16 * MiB
     assert options["utf8validateIncoming"] is True
     assert options["failByDrop"] is False  # close with 1002/1007/1009, not a bare drop
     assert not any("compress" in key.lower() for key in options)
@@ -201,11 +191,11 @@ def test_production_options():
 @pytest_twisted.inlineCallbacks
 def test_cases_1_to_10():
     """
-    Every case within the 1 MiB cap is OK, with production settings; the
-    three INFORMATIONAL-only cases are informational.
+    Every case is OK, with production settings; the three
+    INFORMATIONAL-only cases are informational.
     """
-    results = yield run_cases(Settings(), CASES_1_TO_10, OVER_CAP)
-    assert len(results) == CASE_COUNT_1_TO_10 - OVER_CAP_COUNT
+    results = yield run_cases(Settings(), CASES_1_TO_10)
+    assert len(results) == CASE_COUNT_1_TO_10
     bad = {
         case: (r["behavior"], r["close"], r["result"], r["result_close"])
         for case, r in results.items()
@@ -222,34 +212,6 @@ def test_cases_1_to_10():
     assert {1000, 1002, 1007} <= codes
     for case in ("6.3.1", "6.3.2", "6.4.1"):  # invalid UTF-8 in a text message
         assert results[case]["code"] == 1007
-
-
-@pytest.mark.slow
-@pytest_twisted.inlineCallbacks
-def test_over_cap_refused_with_1009():
-    """
-    Messages over the production cap are refused with a 1009 close (which
-    the suite scores as FAILED: it expects an echo).
-    """
-    results = yield run_cases(Settings(), OVER_CAP)
-    assert len(results) == OVER_CAP_COUNT
-    for case, r in results.items():
-        assert r["code"] == 1009, (case, r)
-        assert r["behavior"] == "FAILED" and r["result"].startswith("Did not receive message")
-
-
-@pytest.mark.slow
-@pytest_twisted.inlineCallbacks
-def test_over_cap_echoed_when_cap_raised():
-    """
-    The same stack handles the 4-16 MiB cases when only the cap is raised:
-    refusing them in production is the cap, not a framing problem.
-    """
-    results = yield run_cases(Settings(max_message_size=16 * MiB), OVER_CAP, concurrency=4)
-    assert len(results) == OVER_CAP_COUNT
-    assert {case: (r["behavior"], r["close"]) for case, r in results.items()} == {
-        case: ("OK", "OK") for case in results
-    }
 
 
 @pytest_twisted.inlineCallbacks

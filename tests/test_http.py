@@ -348,7 +348,7 @@ def test_post_message_runs_a_command_too_big_for_a_frame(start):
     nid = yield add_upper(client)
     value = "v" * (MAX_MESSAGE + 2000)
 
-    # Over the frame limit: the WebSocket would close with 1009.
+    # Over the large-message threshold, where the UI posts instead.
     command = {"type": "cmd", "cmd": "set_default_value", "id": "post-1",
                "kwargs": {"nid": nid, "ioid": "s", "value": value}}
     body = json.dumps(command).encode()

@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from funcnodes_tw import persistence
 from funcnodes_tw.protocol import CLOSE_TOO_SLOW
+from funcnodes_tw.settings import MiB
 from funcnodes_tw.tap import Options
 from inprocess import (
     handshake,
@@ -49,10 +50,11 @@ def limited(start, source, **limits):
 
 @pytest.mark.parametrize("source", SOURCES)
 @pytest_twisted.inlineCallbacks
-def test_max_message_size(start, monkeypatch, source):
+def test_max_incoming_size(start, monkeypatch, source):
     calls = recorder(monkeypatch)
-    worker = yield limited(start, source, max_message_size=4096)
-    assert worker.settings.max_message_size == 4096
+    worker = yield limited(start, source, max_incoming_size=4096)
+    assert worker.settings.max_incoming_size == 4096
+    assert worker.settings.max_message_size == MiB  # replies' threshold: its own setting
     other = yield worker.connect()
     client = yield worker.connect()
     assert (yield client.call("test_record", value="y" * 3900, quiet=True)) is None
@@ -218,6 +220,7 @@ BAD_CONFIGS = [
     ({"max_message_size": 0}, "max_message_size must be a positive number"),
     ({"max_message_size": -5}, "max_message_size must be a positive number"),
     ({"max_message_size": 0.5}, "max_message_size must be a whole number"),
+    ({"max_incoming_size": "16MB"}, "max_incoming_size must be a positive number"),
     ({"max_upload_size": "10MB"}, "max_upload_size must be a positive number"),
     ({"max_client_queue": True}, "max_client_queue must be a positive number"),
     ({"max_message_store": [1]}, "max_message_store must be a positive number"),

@@ -68,6 +68,10 @@ class RecordingClient(WebSocketClientProtocol):
     def onClose(self, wasClean, code, reason):
         self.closed = (wasClean, code)
 
+    def onPing(self, payload):
+        self.pings = getattr(self, "pings", 0) + 1
+        super().onPing(payload)
+
     def send_json(self, message):
         self.sendMessage(json.dumps(message).encode(), isBinary=False)
 
@@ -237,6 +241,73 @@ def test_ping_answered_only_to_sender(session):
     yield session.settle()
     assert a.texts == [b'{"type": "pong"}']
     assert b.texts == [] and b.frames == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_spelling_of_a_ping_gets_the_same_pong(session, monkeypatch):
+    """
+    The UI's and json.dumps' spellings skip the JSON parser; others take
+    it. Both answer with the same bytes.
+    """
+    parsed = []
+    parse = session.service.dispatcher.parse
+    monkeypatch.setattr(
+        session.service.dispatcher, "parse", lambda c, p: parsed.append(p) or parse(c, p)
+    )
+    a = session.connect()
+    for text in (b'{"type":"ping"}', b'{"type": "ping"}', b'{ "type": "ping", "id": 7 }'):
+        a.sendMessage(text)
+    yield session.settle()
+    assert a.texts == [b'{"type": "pong"}'] * 3
+    assert parsed == [b'{ "type": "ping", "id": 7 }']
+
+
+# endregion
+# region auto-ping
+
+
+def server_of(session, client):
+    return next(p.server for p in session.pumps if p.client is client)
+
+
+def test_a_client_that_talks_is_not_pinged(session):
+    """
+    Its own frames (the UI pings every 2 s) stand in for pongs.
+    """
+    a = session.connect()
+    for _ in range(30):
+        a.send_json({"type": "ping"})
+        session.flush()
+        session.clock.advance(2)
+    session.flush()
+    assert getattr(a, "pings", 0) == 0
+    assert a.state == a.STATE_OPEN and len(a.texts) == 30
+
+
+def test_a_client_that_went_silent_is_pinged_then_dropped(session):
+    """
+    Pinged an interval after its last frame; dropped within interval +
+    timeout when the pong never comes (a half-open connection). Timers
+    may fire up to a second early (protocol.TIMER_SLACK).
+    """
+    settings = session.service.settings
+    a = session.connect()
+    server = server_of(session, a)
+    session.clock.advance(settings.ping_interval / 2)
+    a.send_json({"type": "ping"})
+    session.flush()
+    sent = len(server.transport.stream)
+    # From here on nothing is pumped: the client has vanished.
+    for _ in range(int(settings.ping_interval - 2)):
+        session.clock.advance(1)
+    assert len(server.transport.stream) == sent, "pinged before an interval of silence"
+    assert server.state == server.STATE_OPEN
+    for _ in range(int(settings.ping_timeout + 2)):
+        session.clock.advance(1)
+    assert server.transport.stream[sent][:1] == b"\x89"  # a ping
+    assert server.state == server.STATE_CLOSED
+    session.flush()
+    assert server not in session.service.hub.clients
 
 
 # endregion

@@ -16,7 +16,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python import usage
 
 from funcnodes_tw.outbox import Outbox
-from funcnodes_tw.protocol import SMALL_FRAME, frame_header, send_now, unmask
+from funcnodes_tw import wire
+from funcnodes_tw.protocol import (
+    PONG,
+    SMALL_FRAME,
+    frame_header,
+    send_now,
+    unmask,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -156,3 +163,7 @@ def test_frames_are_framed_as_autobahn_frames_them(length, binary):
     payload = os.urandom(length)
     autobahn_frame = autobahn_protocol.PreparedMessage(payload, binary, False, True).payloadHybi
     assert frame_header(length, binary) + payload == autobahn_frame
+
+
+def test_the_framed_pong_is_the_pong_text_framed():
+    assert PONG.payloadHybi == frame_header(len(wire.PONG), False) + wire.PONG
