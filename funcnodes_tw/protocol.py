@@ -9,6 +9,7 @@ the UI never marks a busy worker as unresponsive.
 from collections import deque
 from contextlib import contextmanager
 
+import txaio
 from autobahn.twisted.websocket import (
     ConnectionDeny,
     WebSocketServerFactory,
@@ -18,7 +19,6 @@ from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import tcp
 from twisted.logger import Logger
-import txaio
 
 from funcnodes_tw import __version__, wire
 from funcnodes_tw.outbox import Outbox
@@ -67,6 +67,8 @@ class WorkerProtocol(WebSocketServerProtocol):
 
     #: Set by the client's first message; only then does it get broadcasts.
     listening = False
+    #: When the client last sent anything (L{_sendAutoPing}).
+    _heard_at = float("-inf")
     #: Frames held back while a read is handled (L{sendData}), else None.
     _corked = None
 
