@@ -1,11 +1,13 @@
 """
 The worker's periodic jobs, each a service that starts and stops with it.
 
-The trigger drain is the odd one: funcnodes-core runs a trigger request at
-once unless the node is busy or misses an input; only then does the drain
-tick, every 5 ms, until the request ran or waits for an input, and stops
-itself. A graph at work (a chain sleeping its pretrigger delays) therefore
-does not wake up 200 times a second, and neither does an idle worker.
+Three run only on demand (L{OnDemand}), so that an idle worker is not
+woken: the saver, a second after a change; the large-message expiry, while
+messages are parked; and the trigger drain: funcnodes-core
+runs a trigger request at once unless the node is busy or misses an input;
+only then does the drain tick, every 5 ms, until the request ran or waits
+for an input, and stops itself. A graph at work (a chain sleeping its
+pretrigger delays) therefore does not wake up 200 times a second either.
 """
 
 from twisted.application.internet import TimerService
@@ -45,17 +47,44 @@ def drain(nodespace):
     return pending
 
 
-class TriggerDrain(Service):
-    name = "triggers"
+class OnDemand(Service):
+    """
+    A periodic C{step} that runs only while it has work: L{kick} starts it,
+    and it stops itself when C{step} returns False, so that an idle worker
+    is not woken at all.
+    """
 
-    def __init__(self, nodespace, clock):
-        self.nodespace = nodespace
+    def __init__(self, name, interval, step, clock):
+        self.name = name
+        self.interval = interval
+        self.step = step
         self._call = LoopingCall(self._tick)
         self._call.clock = clock
 
     def kick(self):
         if self.running and not self._call.running:
-            self._call.start(DRAIN_INTERVAL, now=False)
+            self._call.start(self.interval, now=False)
+
+    def _tick(self):
+        result = self.step()
+        if result is False:
+            self._call.stop()
+        return result
+
+    def startService(self):
+        super().startService()
+        self.kick()
+
+    def stopService(self):
+        super().stopService()
+        if self._call.running:
+            self._call.stop()
+
+
+class TriggerDrain(OnDemand):
+    def __init__(self, nodespace, clock):
+        super().__init__("triggers", DRAIN_INTERVAL, lambda: drain(nodespace), clock)
+        self.nodespace = nodespace
 
     def node_event(self, nid):
         """
@@ -69,18 +98,28 @@ class TriggerDrain(Service):
         if holds_request(node):
             self.kick()
 
-    def _tick(self):
-        if not drain(self.nodespace):
-            self._call.stop()
 
-    def startService(self):
-        super().startService()
-        self.kick()
+def saver(worker, clock):
+    """
+    Saves the worker a second after a change (a burst of edits is one
+    write), and every second while saving fails (a full disk).
+    """
 
-    def stopService(self):
-        super().stopService()
-        if self._call.running:
-            self._call.stop()
+    def step():
+        try:
+            return save_if_requested(worker) or False
+        except Exception:  # the state would not even serialize
+            _log.failure("Saving the worker state failed")
+            return False
+
+    return OnDemand("save", SAVE_INTERVAL, step, clock)
+
+
+def expirer(store, clock):
+    """
+    Drops expired large messages every few seconds while any are parked.
+    """
+    return OnDemand("messages", EXPIRE_INTERVAL, store.expire, clock)
 
 
 def _guarded(function, what):

@@ -102,6 +102,8 @@ class LargeMessageStore:
         self._entries = OrderedDict()
         #: The pieces entries in RAM hold: id -> [piece, number of holders].
         self._held = {}
+        #: Called when a message is parked (the expiry timer starts).
+        self.on_put = lambda: None
 
     def put(self, message):
         """
@@ -122,6 +124,7 @@ class LargeMessageStore:
         self._entries[msgid] = entry
         self.size += entry.size
         self._make_room()
+        self.on_put()
         return msgid
 
     def _share(self, message):
@@ -195,12 +198,16 @@ class LargeMessageStore:
         entry.drop()
 
     def expire(self):
+        """
+        Drop the messages past their time; return whether any are left.
+        """
         now = self.clock.seconds()
         expired = [msgid for msgid, entry in self._entries.items() if entry.expires <= now]
         for msgid in expired:
             self._forget(self._entries.pop(msgid))
         if expired:
             give_back_memory()
+        return bool(self._entries)
 
     def clear(self):
         for entry in self._entries.values():

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web import resource, server, static
+from twisted.web.http import datetimeToLogString
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
@@ -385,13 +386,28 @@ def is_upload_uri(uri):
     return any(p.split(b"/")[0] == b"upload" for p in paths)
 
 
+class Site(server.Site):
+    """
+    Twisted's Site, minus its once-a-second timer: it keeps the date of
+    access-log lines fresh even with nobody asking, which woke an idle
+    worker every second. The date is taken when a line is written.
+    """
+
+    def _updateLogDateTime(self):
+        self._logDateTime = datetimeToLogString(self.reactor.seconds())
+
+    def log(self, request):
+        self._updateLogDateTime()
+        super().log(request)
+
+
 def make_site(resource, max_body=None, upload_folder=None):
     """
     One Site for the WebSocket and HTTP: bodies are not parsed into memory.
     With an C{upload_folder} (the C{files/} the tree's L{Upload} writes to),
     uploads are parsed into it as they arrive.
     """
-    site = server.Site(
+    site = Site(
         resource,
         requestFactory=LimitedRequest,
         parsePOSTFormSubmission=False,

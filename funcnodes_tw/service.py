@@ -117,8 +117,12 @@ class WorkerService(MultiService):
         self.triggers = loops.TriggerDrain(worker.nodespace, clock)
         self.triggers.setServiceParent(self)
         worker.on_node_event = self.triggers.node_event
-        loops.timer("save", loops.SAVE_INTERVAL, lambda: loops.save_if_requested(worker), clock).setServiceParent(self)
-        loops.timer("messages", loops.EXPIRE_INTERVAL, self.store.expire, clock).setServiceParent(self)
+        saver = loops.saver(worker, clock)
+        saver.setServiceParent(self)
+        worker.on_save_request = saver.kick
+        expirer = loops.expirer(self.store, clock)
+        expirer.setServiceParent(self)
+        self.store.on_put = expirer.kick
         required = settings.required_heartbeat
         if required:
             loops.timer(

@@ -94,6 +94,8 @@ class Worker:
         #: Called with the C{node} field of the L{DRAIN_EVENTS} (the trigger
         #: drain checks whether that node holds a trigger request).
         self.on_node_event = lambda nid: None
+        #: Called when a save is requested (the saver starts its timer).
+        self.on_save_request = lambda: None
         self.stop = lambda: None
         self._later = []
         self._library = None
@@ -198,6 +200,7 @@ class Worker:
 
     def request_save(self):
         self.save_requested = True
+        self.on_save_request()
 
     def save(self, state=None):
         """

@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 import wsclient
@@ -339,6 +342,21 @@ def test_message_bodies_go_out_in_big_writes():
     other = StringTransport()
     resources._big_writes(other)
     assert not hasattr(other, "SEND_LIMIT")
+
+
+def test_the_site_keeps_no_timer_and_dates_log_lines_when_written():
+    clock = Clock()
+    site = resources.make_site(Resource())
+    site.reactor = clock
+    site.startFactory()
+    assert clock.getDelayedCalls() == [], "an idle worker would wake every second"
+    site._logFile = lines = io.StringIO()
+    clock.advance(86400 * 3 + 7)
+    request = DummyRequest([b"worker"])
+    request.code, request.sentLength, request.clientproto = 200, 2, b"HTTP/1.1"
+    site.log(request)
+    assert "[04/Jan/1970:00:00:07 +0000]" in lines.getvalue()
+    site.stopFactory()
 
 
 @pytest_twisted.inlineCallbacks

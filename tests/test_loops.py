@@ -15,7 +15,7 @@ import funcnodes_core as fn
 import pytest
 import pytest_twisted
 from funcnodes_core import BytesEncdata
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock, deferLater
 
 from funcnodes_tw import commands, loops, wire
@@ -267,18 +267,45 @@ class FakeWorker:
         self.stops.append(self.clock.seconds())
 
 
-def test_save_timer_writes_only_when_requested():
+def test_saver_writes_a_second_after_a_request_and_sleeps_otherwise():
     clock = Clock()
     worker = FakeWorker(clock)
-    timer = loops.timer("save", loops.SAVE_INTERVAL, lambda: loops.save_if_requested(worker), clock)
-    timer.startService()
+    saver = loops.saver(worker, clock)
+    saver.startService()
     clock.pump([loops.SAVE_INTERVAL] * 10)
     assert worker.saves == []
+    assert clock.getDelayedCalls() == [], "an idle saver keeps a timer"
     worker.save_requested = True
+    saver.kick()
+    saver.kick()  # a burst of requests: one timer
+    assert len(clock.getDelayedCalls()) == 1
     clock.pump([loops.SAVE_INTERVAL] * 10)
     assert worker.saves == [11 * loops.SAVE_INTERVAL]
-    timer.stopService()
     assert clock.getDelayedCalls() == []
+    saver.stopService()
+
+
+def test_saver_retries_every_second_while_saving_fails():
+    clock = Clock()
+    worker = FakeWorker(clock)
+    failures = [OSError("No space left on device")] * 3
+
+    def save():
+        worker.saves.append(clock.seconds())
+        if failures:
+            return fail(failures.pop())  # the worker asks for the save again
+        worker.save_requested = False
+        return succeed(None)
+
+    worker.save = save
+    saver = loops.saver(worker, clock)
+    saver.startService()
+    worker.save_requested = True
+    saver.kick()
+    clock.pump([loops.SAVE_INTERVAL] * 10)
+    assert worker.saves == [1.0, 2.0, 3.0, 4.0]
+    assert clock.getDelayedCalls() == []
+    saver.stopService()
 
 
 def test_a_failing_timer_keeps_running():
@@ -433,11 +460,14 @@ def test_service_expires_parked_messages(tmp_path):
     clock = Clock()
     files = WorkerFiles("msgworker", root=tmp_path)
     service = WorkerService(Worker(files, "msgworker", clock=clock), clock, Settings(max_message_size=1024))
-    service.store.put(b"z" * 100)
     timer = service.getServiceNamed("messages")
     timer.startService()
+    clock.advance(loops.EXPIRE_INTERVAL)  # one look at startup
+    assert clock.getDelayedCalls() == [], "no message parked, yet a timer"
+    service.store.put(b"z" * 100)
     clock.pump([loops.EXPIRE_INTERVAL] * 13)
     assert service.store.size == 0
+    assert clock.getDelayedCalls() == [], "the store is empty, yet a timer"
     timer.stopService()
 
 
