@@ -179,7 +179,7 @@ class TokenGuard(resource.Resource):
 
     def _allowed(self, request, mount):
         presented = presented_tokens(request, self.cookie)
-        if not any(_same(t, self.token) for t in presented):
+        if not self._carried(presented):
             self._refused(request, "a wrong token" if presented else "no token")
             return False
         cookie = request.getCookie(self.cookie)
@@ -196,7 +196,10 @@ class TokenGuard(resource.Resource):
         """
         request.parseCookies()
         args = parse_qs(uri.partition(b"?")[2])
-        return any(_same(t, self.token) for t in presented_tokens(request, self.cookie, args))
+        return self._carried(presented_tokens(request, self.cookie, args))
+
+    def _carried(self, presented):
+        return any(_same(t, self.token) for t in presented)
 
     def _remember(self, request, mount):
         """

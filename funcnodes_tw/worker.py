@@ -11,6 +11,7 @@ from uuid import uuid4
 
 import funcnodes_core as fn
 import orjson
+from funcnodes_core.lib import Library
 from funcnodes_core.utils import saving
 from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThread
@@ -157,11 +158,23 @@ class Worker:
         if event == "after_set_value":
             self.send_later(self.send_io_value, data["node"], data["io"], data["result"])
             return
+        if isinstance(data.get("result"), Library):  # after_add_shelf, after_remove_shelf
+            self.send_later(self._send_library_event, event, data)
+            return
         if event in ("node_error", "node_trigger_error"):
             _log.warn("Node {node} failed: {error}\n{traceback}", node=data.get("node"),
                       error=data.get("error"), traceback="".join(data.get("tb") or ()))
             data = wire.node_error(data, self.debug)
         self.send_later(self.send, wire.nsevent(event, data), True)
+
+    def _send_library_event(self, event, data):
+        """
+        Send an event whose result is the whole library with the encoded
+        library that C{get_library} and C{full_state} then reuse: encoding
+        it takes tens of milliseconds, and a library change is followed by
+        a C{get_library} from every UI.
+        """
+        self.send(wire.nsevent(event, {**data, "result": self.library_json()}), True)
 
     def _on_nodespace_error(self, error, src=None):
         _log.error("Node space error: {error!r}\n{traceback}", error=error,
