@@ -795,3 +795,7 @@ async def idle(bench: Bench, cfg, out: Recorder):
     out.raw["cpu_percent"] = phases
     # The reference sends each pong to every client (it broadcasts it); ours to the sender.
     out.raw["pongs_received_while_pinging"] = pongs
+
+
+# -- startup: in a module of its own (bench/startup.py) ----------------------------------
+from bench import startup as _startup  # noqa: E402,F401  (registers the figure)

@@ -394,7 +394,7 @@ class Worker:
             parts.append(f"--- {self.side} {name} ---\n" + "\n".join(text.splitlines()[-lines:]))
         return "\n".join(parts)
 
-    async def wait_listening(self, timeout: float = 60.0):
+    async def wait_listening(self, timeout: float = 60.0, poll: float = 0.1):
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -408,7 +408,7 @@ class Worker:
                     raise RuntimeError(
                         f"{self.title} not listening after {timeout} s\n{self.log_tail()}"
                     )
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(poll)
             else:
                 writer.close()
                 return
@@ -438,6 +438,10 @@ class Worker:
     async def start(self):
         self.spawn()
         await self.wait_listening()
+        await self.ready()
+
+    async def ready(self):
+        """Connect the bench's client to a listening worker; both get funcnodes-basic."""
         self.client = await self.connect()
         # Our first message also makes funcnodes_tw send us broadcasts (§10.5).
         await self.client.call("uuid")

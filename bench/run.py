@@ -60,6 +60,8 @@ class Config:
     state_calls: int = 21
     idle_seconds: float = 10.0
     idle_clients: int = 20
+    startup_rounds: int = 3
+    startup_idle: float = 5.0
     share_workers: bool = False
     settle: float = 1.0
     sample_interval: float = 0.02
@@ -87,6 +89,7 @@ class Config:
             cfg.chain_nodes, cfg.chain_clients, cfg.chain_rounds = 10, 4, 2
             cfg.state_nodes, cfg.state_calls = (10, 30), 3
             cfg.idle_seconds, cfg.idle_clients = 2.0, 4
+            cfg.startup_rounds, cfg.startup_idle = 1, 1.0
             cfg.settle = 0.2
         return cfg
 

@@ -1,0 +1,59 @@
+"""The ``startup`` figure: how long a fresh worker takes to listen, and its idle RSS.
+
+Per round each side gets a new worker process of its own (fresh config and data
+folders), started one after the other, never both at once, so neither competes with
+the other for the two cores; the order alternates between rounds.
+
+* *startup to listening*: from ``Popen`` to the first accepted TCP connection on the
+  worker's port (polled every 10 ms).
+* *RSS at idle*: ``VmRSS`` after the bench's client connected, sent ``uuid`` and (the
+  reference) added funcnodes-basic, so both hold the same library, then
+  ``cfg.startup_idle`` seconds (5 s; ``--quick``: 1 s) of nothing.
+
+Both are medians over ``cfg.startup_rounds`` rounds; the JSON has every round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+from bench.figures import Recorder, figure, mb, ratio_at_most
+from bench.harness import Bench, Worker
+
+POLL = 0.01
+
+
+async def _one_start(bench: Bench, side: str, round_no: int) -> dict:
+    options = bench.config.tw_options if side == "tw" else ()
+    w = Worker(side, bench.run_dir / "startup" / f"round{round_no}", bench.env, options)
+    try:
+        t0 = time.perf_counter()
+        w.spawn()
+        await w.wait_listening(poll=POLL)
+        listening = time.perf_counter() - t0
+        await w.ready()
+        await asyncio.sleep(bench.config.startup_idle)
+        return {"listening_s": listening, "rss": w.rss()}
+    finally:
+        await w.stop()
+
+
+@figure("startup", "startup to listening and RSS at idle of a fresh worker")
+async def startup(bench: Bench, cfg, out: Recorder):
+    # The figure starts workers of its own: the pair the harness started sits idle.
+    results = await bench.alternate(
+        cfg.startup_rounds, lambda w, r: _one_start(bench, w.side, r)
+    )
+    out.raw["rounds"] = results
+    out.add(
+        f"startup to listening (median of {cfg.startup_rounds})", "s",
+        {s: statistics.median(r["listening_s"] for r in rs) for s, rs in results.items()},
+        "lower", target=ratio_at_most(0.5),
+    )
+    out.add(
+        f"RSS at idle ({cfg.startup_idle:g} s after the first client, median)", "MB",
+        {s: mb(statistics.median(r["rss"] for r in rs)) for s, rs in results.items()},
+        "lower", target=ratio_at_most(1.0),
+    )
