@@ -390,6 +390,20 @@ class Worker:
             except Exception:
                 continue
             set_node_view(node, view)
+        if not aio.event_loop().is_running():
+            # Loaded at start, before the reactor runs: funcnodes-core has
+            # started nothing, since it triggers a new node only inside a
+            # running loop. The loop's first turn does it instead.
+            aio.call_soon(self._trigger_created)
+
+    def _trigger_created(self):
+        """
+        Start what funcnodes-core starts when it creates a node inside a
+        running loop: every node that triggers on creation and is ready.
+        """
+        for node in self.nodespace.nodes:
+            if node.trigger_on_create and node.ready_to_trigger():
+                node.request_trigger()
 
     # endregion
 

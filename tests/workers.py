@@ -163,10 +163,12 @@ def start_worker(
     reactor=None,
     timeout: float = 30.0,
     env: Optional[dict] = None,
+    worker_uuid: Optional[str] = None,
 ) -> defer.Deferred:
     """Spawn ``python <argv_tail> --host .. --port .. --data-path .. --uuid ..``.
 
     Everything lives under ``tmp_path/<name>/``. Fires with a listening ``WorkerProcess``.
+    The same ``name`` and ``worker_uuid`` again restart a worker on its saved files.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -176,7 +178,7 @@ def start_worker(
     data_path = base / "data"
     config_dir.mkdir(parents=True, exist_ok=True)
     data_path.mkdir(parents=True, exist_ok=True)
-    worker_uuid = f"{name}_{uuidlib.uuid4().hex[:12]}"
+    worker_uuid = worker_uuid or f"{name}_{uuidlib.uuid4().hex[:12]}"
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env["FUNCNODES_CONFIG_DIR"] = str(config_dir)
