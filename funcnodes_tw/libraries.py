@@ -66,9 +66,34 @@ def installed_modules():
     """
     key = _environment_key()
     if _SCANNED["key"] != key:
+        _import_ui_package()
         setup()
         _SCANNED["key"] = key
     return AVAILABLE_MODULES
+
+
+#: The UI package's development server: it imports the reference worker and
+#: aiohttp (~17 MB, 0.3 s) for a server this worker never starts.
+_UI_SERVER = "funcnodes_react_flow.run"
+
+
+def _import_ui_package():
+    """
+    Import funcnodes_react_flow, whose entry point funcnodes-core's setup
+    loads, without its C{run} module: the package tolerates that module
+    failing to import, and a C{None} in C{sys.modules} makes it fail. It is
+    importable again afterwards, for whoever wants it.
+    """
+    if "funcnodes_react_flow" in sys.modules or _UI_SERVER in sys.modules:
+        return
+    sys.modules[_UI_SERVER] = None
+    try:
+        import funcnodes_react_flow  # noqa: F401
+    except ImportError:
+        pass  # not installed, or a version that needs its server: setup imports it whole
+    finally:
+        if sys.modules.get(_UI_SERVER, False) is None:
+            del sys.modules[_UI_SERVER]
 
 
 def rescan():

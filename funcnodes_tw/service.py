@@ -16,13 +16,13 @@ standalone daemon (L{funcnodes_tw.tap}) adds a L{Listener}.
 """
 
 import os
+import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from funcnodes_tw import corefixes, isolation, libraries, loops, packages, persistence, systemd
 from funcnodes_tw.access import OriginPolicy
@@ -290,8 +290,12 @@ def _read_config(path):
 def is_tls(port):
     """
     Whether a listening port speaks TLS (C{ssl:} endpoints wrap the factory).
+
+    Twisted's TLS support (pyOpenSSL, cryptography: ~11 MB) is looked up, not
+    imported: a port cannot speak TLS unless it was imported to make it.
     """
-    return isinstance(getattr(port, "factory", None), TLSMemoryBIOFactory)
+    tls = sys.modules.get("twisted.protocols.tls")
+    return tls is not None and isinstance(getattr(port, "factory", None), tls.TLSMemoryBIOFactory)
 
 
 class Listener(Service):

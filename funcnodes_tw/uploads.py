@@ -13,9 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from streaming_form_data import StreamingFormDataParser
-from streaming_form_data.targets import BaseTarget
-
 CHUNK = 256 * 1024
 
 
@@ -91,30 +88,6 @@ class Staging:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class _FileTarget(BaseTarget):
-    """
-    Streams each C{file} part of a multipart body into its staged file.
-    """
-
-    def __init__(self, staging):
-        super().__init__()
-        self.staging = staging
-        self._file = None
-
-    def on_start(self):
-        if self.multipart_filename:
-            self._file = self.staging.open(self.multipart_filename)
-
-    def on_data_received(self, chunk):
-        if self._file is not None:
-            self._file.write(chunk)
-
-    def on_finish(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
 class MultipartUpload:
     """
     A multipart body parsed chunk by chunk as it arrives, its C{file} parts
@@ -126,9 +99,11 @@ class MultipartUpload:
     """
 
     def __init__(self, content_type, files_root):
-        self.parser = StreamingFormDataParser(headers={"Content-Type": content_type})
+        from funcnodes_tw import formdata
+
+        self.parser = formdata.StreamingFormDataParser(headers={"Content-Type": content_type})
         self.staging = Staging(files_root)
-        self.target = _FileTarget(self.staging)
+        self.target = formdata.FileTarget(self.staging)
         self.parser.register("file", self.target)
         self.error = None
 
