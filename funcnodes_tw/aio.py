@@ -13,6 +13,8 @@ import sys
 from twisted.internet.defer import Deferred, succeed, fail
 from twisted.logger import Logger
 
+from funcnodes_tw.internals import Internals
+
 _log = Logger()
 
 
@@ -130,6 +132,12 @@ def call_soon(function, *args):
 
 #: (deadline, function) waiting for the loop to run out of ready callbacks.
 _idle_waiters = []
+#: The loop's queue of ready callbacks, private to asyncio.
+_READY = Internals(
+    "the asyncio event loop",
+    ["_ready"],
+    "held node events leave at the loop's next turn instead of at the end of a burst",
+)
 
 
 def call_when_idle(function, max_wait):
@@ -140,7 +148,7 @@ def call_when_idle(function, max_wait):
 
     One check serves every waiter, so that two waiters do not see each
     other as work. CPython's loop keeps the ready callbacks in C{_ready};
-    a loop without one counts as idle.
+    a loop without one (uvloop, a future CPython) counts as idle.
     """
     loop = event_loop()
     if not _idle_waiters:
@@ -149,7 +157,7 @@ def call_when_idle(function, max_wait):
 
 
 def _check_idle(loop):
-    if getattr(loop, "_ready", None):
+    if _READY.usable(loop) and loop._ready:
         now = loop.time()
         due = [function for deadline, function in _idle_waiters if deadline <= now]
         _idle_waiters[:] = [waiter for waiter in _idle_waiters if waiter[0] > now]

@@ -25,6 +25,10 @@ SIZE_MARGIN = 1.1
 #: reads the frames of a running graph while it runs, and a longer hold
 #: leaves it more to read once the graph is done (chain0: 1 ms beat 2 ms).
 HOLD_MAX = 0.001
+#: Binary messages from this size on are not framed once for several
+#: clients: framing copies the payload, which each client's protocol
+#: writes as it is (an image preview to every open UI).
+SHARED_FRAME_MAX = 64 * 1024
 
 
 class Hub:
@@ -130,14 +134,18 @@ class Hub:
 
 def _fan_out(targets, payload, is_binary, key=None, hold=False):
     """
-    Hand one message to its clients; for several, frame it only once.
+    Hand one message (bytes, or a L{wire.BinaryFrame}) to its clients; for
+    several, frame it only once, unless it is a big binary one.
     """
-    if len(targets) == 1:
-        if is_binary:
-            targets[0].send_binary(payload, key, hold)
-        else:
-            targets[0].send_text(payload, hold)
+    if len(targets) == 1 or (is_binary and len(payload) >= SHARED_FRAME_MAX):
+        for target in targets:
+            if is_binary:
+                target.send_binary(payload, key, hold)
+            else:
+                target.send_text(payload, hold)
         return
+    if is_binary:
+        payload = bytes(payload)
     prepared = targets[0].factory.prepareMessage(payload, isBinary=is_binary)
     for target in targets:
         target.send_prepared(prepared, len(payload), key, hold)

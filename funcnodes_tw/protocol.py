@@ -6,6 +6,7 @@ order), but pings are answered at once, even while a slow command runs, so
 the UI never marks a busy worker as unresponsive.
 """
 
+import socket
 from collections import deque
 from contextlib import contextmanager
 
@@ -21,6 +22,7 @@ from twisted.internet import tcp
 from twisted.logger import Logger
 
 from funcnodes_tw import __version__, wire
+from funcnodes_tw.internals import Internals
 from funcnodes_tw.outbox import Outbox
 
 #: The outbox kind of a message framed once for several clients.
@@ -43,6 +45,42 @@ PINGS = (b'{"type":"ping"}', b'{"type": "ping"}')
 #: How early Autobahn's auto-ping timers may fire: txaio's batched timers
 #: round the due time down to a whole second.
 TIMER_SLACK = 1.0
+#: What a TCP transport hands one C{send} when its socket turns writable:
+#: Twisted's 128 KiB took a 20 MB frame ~150 reactor turns. It also bounds
+#: what Twisted joins when more frames come behind a big one.
+SEND_LIMIT = 1024 * 1024
+#: Frames with a payload from this size on are written without joining
+#: header and payload (L{send_now}); smaller ones are joined and corked.
+SCATTER_MIN = 64 * 1024
+#: What the fast paths read of Autobahn's protocol: the frame parser's state
+#: (L{WorkerProtocol._read_text_frames}) and its send queue.
+_PARSER = Internals(
+    "Autobahn's WebSocket protocol",
+    [
+        "current_frame",
+        "data",
+        "inside_message",
+        "failedByMe",
+        "autoPingTimeoutCall",
+        "autoPingRestartOnAnyTraffic",
+        "_cancelAutoPingTimeoutCall",
+        "_dataReceived",
+        "send_queue",
+    ],
+    "every frame goes through Autobahn's own parser and sendData",
+)
+#: What L{WorkerProtocol.onMessageEnd} reads of a message Autobahn parsed.
+_MESSAGE = Internals(
+    "Autobahn's WebSocket protocol",
+    ["message_data", "message_is_binary", "_onMessage"],
+    "every parsed message also goes through Autobahn's onMessageEnd",
+)
+#: What L{send_now} reads of Twisted's TCP transport to see it is idle.
+_TCP = Internals(
+    "Twisted's TCP transport",
+    ["socket", "TLS", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnected", "producerPaused"],
+    "frames wait a reactor turn in its write",
+)
 
 
 def unmask(mask, payload):
@@ -71,6 +109,9 @@ class WorkerProtocol(WebSocketServerProtocol):
     _heard_at = float("-inf")
     #: Frames held back while a read is handled (L{sendData}), else None.
     _corked = None
+    #: Whether Autobahn's internals that the fast paths read are there;
+    #: decided once the connection is open.
+    _fast = False
 
     def onConnect(self, request):
         limit = self.factory.max_connections
@@ -88,11 +129,14 @@ class WorkerProtocol(WebSocketServerProtocol):
         self._clock = txaio.config.loop or self.factory.reactor
 
     def onOpen(self):
+        self._fast = _PARSER.usable(self)
         self._commands = deque()
         self._busy = False
         self.outbox = Outbox(
             self._write, self.factory.max_client_queue, self._too_slow, self.corked
         )
+        if isinstance(self.transport, tcp.Connection):
+            self.transport.SEND_LIMIT = SEND_LIMIT
         if getattr(self.transport, "producer", None) is not None:
             # Twisted Web's HTTPChannel, left behind when the WebSocket took over.
             self.transport.unregisterProducer()
@@ -194,7 +238,16 @@ class WorkerProtocol(WebSocketServerProtocol):
             # send (the reference's aiohttp max_msg_size is inbound only);
             # big text is already a large_message pointer, and big binary
             # values have no fallback.
-            self.sendData(frame_header(len(item), kind) + item)
+            if kind:
+                head, payload = frame_header(len(item), True) + item.head, item.payload
+            else:
+                head, payload = frame_header(len(item), False), item
+            if len(payload) < SCATTER_MIN or not self._fast or self.send_queue:
+                self.sendData(head + payload)
+            else:
+                # A big payload is written as it is, after what was corked.
+                self._uncork()
+                send_now(self.transport, head, payload)
 
     def sendData(self, data, sync=False, chopsize=None):
         """
@@ -202,7 +255,7 @@ class WorkerProtocol(WebSocketServerProtocol):
         (L{send_now}); frames made while one read is handled go out
         together when it is done, so pipelined replies share a C{send}.
         """
-        if sync or chopsize or self.send_queue:
+        if not self._fast or sync or chopsize or self.send_queue:
             self._uncork()
             super().sendData(data, sync, chopsize)
         elif self._corked is None:
@@ -217,6 +270,9 @@ class WorkerProtocol(WebSocketServerProtocol):
         # Not Autobahn's, which formats a debug line for every read even
         # with debug logging off.
         self._heard_at = self._clock.seconds()  # for _sendAutoPing
+        if not self._fast:
+            super().dataReceived(data)
+            return
         with self.corked():
             rest = self._read_text_frames(data)
             if rest:
@@ -295,6 +351,9 @@ class WorkerProtocol(WebSocketServerProtocol):
     def onMessageEnd(self):
         # Autobahn's also fires a "message" event with a new Deferred per
         # message, for observers this protocol never has.
+        if not (self._fast and _MESSAGE.usable(self)):
+            super().onMessageEnd()
+            return
         if not self.failedByMe:
             self._onMessage(b"".join(self.message_data), self.message_is_binary)
         self.message_data = None
@@ -348,20 +407,24 @@ def frame_header(length, binary):
     return bytes((first, 127)) + length.to_bytes(8, "big")
 
 
-def send_now(transport, data):
+def send_now(transport, data, payload=b""):
     """
-    Write C{data}, sending it in place when a plain TCP socket has nothing
-    waiting and it is small enough for one C{send}.
+    Write C{data}, then C{payload}, sending them in place when a plain TCP
+    socket has nothing waiting.
 
     Twisted's C{write} only queues: the reactor then registers the socket
     for writing, polls, sends and unregisters it, two C{epoll_ctl} calls and
-    a loop turn per reply. With an empty buffer the bytes can go out now,
-    as asyncio's transports do; what the socket does not take is queued by
-    the ordinary C{write}, which also pauses the producer (the outbox) when
-    the buffer fills. TLS and other transports always take the ordinary path.
+    a loop turn per reply, and a big message goes out 128 KiB a turn. With
+    an empty buffer the bytes go out now in one C{sendmsg}, as asyncio's
+    transports send them, header and payload side by side without joining
+    them; what the socket does not take is queued once by the ordinary
+    C{write} (the payload's rest is the one copy made of it), which also
+    pauses the producer (the outbox) when the buffer fills. TLS and other
+    transports always take the ordinary path.
     """
     if (
         type(transport) is tcp.Server
+        and _TCP.usable(transport)
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting
@@ -369,15 +432,38 @@ def send_now(transport, data):
         and not transport.producerPaused
         and not transport._tempDataLen
         and len(transport.dataBuffer) == transport.offset
-        and len(data) <= transport.SEND_LIMIT
     ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
+        sent = _send(transport.socket, data, payload)
+        if sent is not None:
+            if sent == len(data) + len(payload):
                 return
-            data = data[sent:]
+            if sent >= len(data):
+                data, payload = payload[sent - len(data) :], b""
+            else:
+                data = data[sent:]
         # else the connection is lost: the ordinary write finds that out.
-    transport.write(data)
+    transport.write(bytes(data) if type(data) is not bytes else data)
+    if payload:
+        transport.write(bytes(payload) if type(payload) is not bytes else payload)
+
+
+def _send(sock, data, payload):
+    """
+    How much of C{data} + C{payload} the socket took at once, or None when
+    the connection is lost.
+    """
+    try:
+        if payload:
+            return sock.sendmsg([data, payload]) if _SENDMSG else sock.send(data)
+        return sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError:
+        return None
+
+
+#: Whether sockets can send several buffers in one call (not on Windows).
+_SENDMSG = hasattr(socket.socket, "sendmsg")
 
 
 def protocol_options(max_incoming, ping_interval=10, ping_timeout=20):

@@ -19,12 +19,13 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web import resource, server, static
-from twisted.web.http import datetimeToLogString
+from twisted.web.http import HTTPChannel, datetimeToLogString
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from funcnodes_tw import uploads, wire
 from funcnodes_tw.access import Cors, TokenGuard, access_log, split_token
+from funcnodes_tw.internals import Internals
 
 _log = Logger()
 
@@ -282,6 +283,12 @@ def ui_resource(folder):
 
 #: Staged bytes removed without a thread hop: about 2 ms to unlink.
 DISCARD_AT_ONCE = 16 * 2**20
+#: The request line, which HTTPChannel keeps to itself until the body has come.
+_REQUEST_LINE = Internals(
+    "Twisted Web's HTTPChannel",
+    ["_command", "_path"],
+    "request bodies are stored before the token is checked, and uploads parsed once stored",
+)
 
 
 class LimitedRequest(server.Request):
@@ -316,7 +323,19 @@ class LimitedRequest(server.Request):
         Whether the site's token guard, if it has one, lets this body in.
         """
         admits = getattr(self.channel.site.resource, "admits_body", None)
-        return admits is None or admits(self, getattr(self.channel, "_path", b""))
+        line = self._request_line()
+        # Without the request line the guard judges the whole request later.
+        return admits is None or line is None or admits(self, line[1])
+
+    def _request_line(self):
+        """
+        (method, URI) while the body is still to come, or None where the
+        channel does not tell (H2 streams, or a Twisted that renamed them).
+        """
+        channel = self.channel
+        if isinstance(channel, HTTPChannel) and _REQUEST_LINE.usable(channel):
+            return channel._command, channel._path
+        return None
 
     def _start_upload(self):
         folder = getattr(self.channel.site, "upload_folder", None)
@@ -324,9 +343,9 @@ class LimitedRequest(server.Request):
         if folder is None or not content_type.lower().startswith(b"multipart/form-data"):
             return None
         # The request line is not parsed into the request until the whole
-        # body has come; HTTPChannel keeps it (H2 streams: no streaming).
-        method = getattr(self.channel, "_command", None)
-        if method != b"POST" or not is_upload_uri(getattr(self.channel, "_path", b"")):
+        # body has come; HTTPChannel keeps it.
+        line = self._request_line()
+        if line is None or line[0] != b"POST" or not is_upload_uri(line[1]):
             return None
         try:
             return uploads.MultipartUpload(content_type.decode("latin-1"), folder)

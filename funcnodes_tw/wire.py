@@ -372,24 +372,47 @@ _MSGID_PREFIX = _msgid_prefix()
 _MSGID_COUNTER = itertools.count()
 
 
+class BinaryFrame:
+    """
+    One binary message: the reference's header, then the payload, kept
+    apart so that a big payload is written as it is, never copied behind
+    its header. C{len} and C{bytes} give the message's length and bytes.
+    """
+
+    __slots__ = ("head", "payload")
+
+    def __init__(self, head, payload):
+        self.head = head
+        self.payload = payload
+
+    def __len__(self):
+        return len(self.head) + len(self.payload)
+
+    def __bytes__(self):
+        return self.head + self.payload
+
+
 def binary_frames(payload, header, max_frame=None):
     """
-    Split C{payload} into binary WebSocket frames with the reference's header.
+    Split C{payload} into binary WebSocket messages (L{BinaryFrame}s) with
+    the reference's header.
 
-    Each frame is C{chunk=i/n;msgid=<uuid>;k=v; k=v\\r\\n\\r\\n<bytes>}. The real
+    Each is C{chunk=i/n;msgid=<uuid>;k=v; k=v\\r\\n\\r\\n<bytes>}. The real
     UI reassembles multi-chunk messages wrongly, so C{max_frame=None} (one
-    frame) is the default; chunking is for clients that ask for it.
+    frame) is the default; chunking is for clients that ask for it. Chunks
+    are views of C{payload}, not copies.
     """
     body = _header_bytes(header)
     n = next(_MSGID_COUNTER)
     if max_frame is None:
-        return [b"chunk=1/1;msgid=%b%012x;%b%b" % (_MSGID_PREFIX, n, body, payload)]
+        return [BinaryFrame(b"chunk=1/1;msgid=%b%012x;%b" % (_MSGID_PREFIX, n, body), payload)]
     msgid = b"%b%012x" % (_MSGID_PREFIX, n)
     room = max_frame - len(body) - len(b"chunk=99999/99999;msgid=%b;" % msgid)
     if room <= 0:
         raise ValueError("binary frame header larger than the frame size")
-    slices = [payload[i : i + room] for i in range(0, len(payload), room)] or [b""]
+    view = memoryview(payload)
+    slices = [view[i : i + room] for i in range(0, len(payload), room)] or [b""]
     return [
-        b"chunk=%d/%d;msgid=%b;%b%b" % (i, len(slices), msgid, body, part)
+        BinaryFrame(b"chunk=%d/%d;msgid=%b;%b" % (i, len(slices), msgid, body), part)
         for i, part in enumerate(slices, 1)
     ]

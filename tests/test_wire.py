@@ -24,6 +24,7 @@ def split_frame(frame):
     """
     (n, total, msgid, header text, payload) of one frame, parsed strictly.
     """
+    frame = bytes(frame)
     match = CHUNK.match(frame)
     assert match, frame[:80]
     head, sep, payload = frame[match.end():].partition(HEADER_END)
@@ -37,7 +38,7 @@ def ui_header(frame):
     """
     The header as the UI reads it: split on ';', then on the first '=', trimmed.
     """
-    head = frame.partition(HEADER_END)[0].decode()
+    head = bytes(frame).partition(HEADER_END)[0].decode()
     pairs = [part.split("=", 1) for part in head.split(";") if part.strip()]
     assert all(len(pair) == 2 for pair in pairs), head
     return {key.strip(): value.strip() for key, value in pairs}
@@ -56,7 +57,7 @@ def test_io_value_frame_is_the_reference_format():
     n, total, msgid, head, body = split_frame(frame)
     assert (n, total) == (1, 1)
     assert head == "node=323cb5; io=input; mime=application/fn.struct.!q; type=io_value; preview=1"
-    assert frame == (
+    assert bytes(frame) == (
         f"chunk=1/1;msgid={msgid};{head}".encode() + HEADER_END + struct.pack("!q", 5)
     )
 
@@ -146,6 +147,14 @@ def test_one_frame_when_it_fits_or_no_limit():
     assert len(wire.binary_frames(payload, io_value_header())) == 1
     [frame] = wire.binary_frames(payload, io_value_header(), max_frame=10_000)
     assert split_frame(frame)[:2] == (1, 1)
+
+
+def test_frames_keep_their_payload_uncopied():
+    payload = bytes(range(256)) * 12
+    [frame] = wire.binary_frames(payload, io_value_header())
+    assert frame.payload is payload
+    chunks = wire.binary_frames(payload, io_value_header(), max_frame=1000)
+    assert all(chunk.payload.obj is payload for chunk in chunks), "views, not copies"
 
 
 def test_header_larger_than_the_frame_is_refused():

@@ -16,9 +16,12 @@ from twisted.internet.testing import StringTransport
 from twisted.python import usage
 
 from funcnodes_tw.outbox import Outbox
+from inprocess import Cert, add_command, start  # noqa: F401 (fixture)
 from funcnodes_tw import wire
 from funcnodes_tw.protocol import (
     PONG,
+    SCATTER_MIN,
+    SEND_LIMIT,
     SMALL_FRAME,
     frame_header,
     send_now,
@@ -104,25 +107,77 @@ def test_an_idle_tcp_socket_sends_at_once(tcp_pair):
     assert received == b"hello"
 
 
+#: More than a loopback socket's buffers take at once.
+BIG = 32 * 2**20
+
+
 @pytest_twisted.inlineCallbacks
-def test_a_partial_send_queues_the_rest_and_later_frames_wait_behind_it(tcp_pair, monkeypatch):
+def test_a_big_payload_is_sent_beside_its_header_and_its_rest_queued_once(tcp_pair):
     transport, receiver = tcp_pair
-    real = transport.writeSomeData
-    sizes = []
-
-    def three_bytes_first(data):
-        sizes.append(len(data))
-        return real(bytes(data[:3]) if len(sizes) == 1 else data)
-
-    monkeypatch.setattr(transport, "writeSomeData", three_bytes_first)
-    first, second = os.urandom(1000), b"second"
-    send_now(transport, first)
-    assert queued(transport) == len(first) - 3
+    head, payload, second = b"head", os.urandom(BIG), b"second"
+    send_now(transport, head, payload)
+    left = queued(transport)
+    assert 0 < left < len(payload), "the socket took part of it at once"
+    assert transport._tempDataBuffer == [payload[-left:]], "the rest in one write"
     send_now(transport, second)
-    assert sizes == [len(first)], "the second frame may not overtake the first's rest"
-    received = yield receiver.wait_for(len(first) + len(second))
-    assert received == first + second
+    assert queued(transport) == left + len(second), "the next frame waits behind the rest"
+    received = yield receiver.wait_for(len(head) + len(payload) + len(second))
+    assert received == head + payload + second
     assert queued(transport) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_full_socket_gets_header_and_payload_in_order_later(tcp_pair):
+    transport, receiver = tcp_pair
+    filler = b""
+    while True:  # fill the socket itself; the transport's buffer stays empty
+        try:
+            filler += b"f" * transport.socket.send(b"f" * 2**20)
+        except BlockingIOError:
+            break
+    head, payload = b"head", memoryview(os.urandom(SCATTER_MIN))[1:]
+    send_now(transport, head, payload)
+    assert queued(transport) == len(head) + len(payload)
+    received = yield receiver.wait_for(len(filler) + len(head) + len(payload))
+    assert received == filler + head + bytes(payload)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_rest_of_a_big_frame_leaves_in_few_reactor_turns(tcp_pair, monkeypatch):
+    """
+    With the worker's C{SEND_LIMIT} (set when a WebSocket opens), not
+    Twisted's 128 KiB a turn.
+    """
+    transport, receiver = tcp_pair
+    monkeypatch.setattr(transport, "SEND_LIMIT", SEND_LIMIT)
+    turns = []
+    real = transport.doWrite
+    monkeypatch.setattr(transport, "doWrite", lambda: turns.append(1) or real())
+    send_now(transport, b"head", os.urandom(BIG))
+    left = queued(transport)
+    yield receiver.wait_for(BIG + 4)
+    assert len(turns) <= left // SEND_LIMIT + 8, f"{len(turns)} turns for {left} bytes"
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_a_big_binary_result_arrives_whole_before_the_next_reply(start, tmp_path, monkeypatch, tls):
+    payload = os.urandom(20 * 2**20)
+
+    def test_big(worker):
+        return payload
+
+    add_command(monkeypatch, test_big)
+    served = yield start(tls=Cert(tmp_path) if tls else None)
+    client = yield served.connect()
+    big = client.call("test_big", as_bytes=True, msg_id="big", timeout=30)
+    after = client.call("uuid", msg_id="after", timeout=30)
+    frame = yield big
+    yield after
+    assert frame["payload"] == payload
+    assert frame["header"]["id"] == "big" and frame["chunk"] == "1/1"
+    ids = [m["header"]["id"] if m.get("binary") else m.get("id") for m in client.transcript]
+    assert ids.index("big") < ids.index("after")
 
 
 @pytest_twisted.inlineCallbacks
