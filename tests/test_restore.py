@@ -21,6 +21,16 @@ POLL = 0.1
 VALUE, DEFAULT_B = 2, 3
 SUM = float(VALUE + DEFAULT_B)
 NO_VALUE = "<NoValue>"
+#: A saved node whose package is missing, with an input without a value: a
+#: placeholder that must not run at start (docs/deviations.md).
+MISSING = {
+    "id": "f" * 32,
+    "node_id": "restore_test_missing.node",
+    "node_name": "Missing",
+    "io": {"x": {"id": "x", "is_input": True}, "out": {"id": "out", "is_input": False}},
+}
+
+
 @defer.inlineCallbacks
 def build_graph(client):
     """
@@ -88,6 +98,11 @@ def test_a_restarted_worker_computes_its_graph(tmp_path, clean_reactor, starter)
         if starter is start_reference:  # it starts with an empty library
             yield client.call("add_package_dependency", name="funcnodes-basic", timeout=60)
         ids = yield build_graph(client)
+        state = yield client.call("get_save_state")
+        state["backend"]["nodes"].append(MISSING)
+        yield client.call("load_data", data=state)
+        yield wait_value(client, ids["add"], "out", SUM)
+        yield client.wait_quiet()
         log = worker.data_path / "worker.log"
         logged = log.stat().st_size if log.exists() else 0
         # The reference closes without replying: the worker's end is what counts.
@@ -104,8 +119,8 @@ def test_a_restarted_worker_computes_its_graph(tmp_path, clean_reactor, starter)
         assert (yield client.call("get_io_value", nid=ids["value"], ioid="out")) == VALUE
         yield assert_not_run(client, ids)
         nodes = yield client.call("get_nodes")
-        assert {n["id"] for n in nodes} == set(ids.values())
-        if starter is start_ours:  # the idle node did not run and fail
+        assert {n["id"] for n in nodes} == {*ids.values(), MISSING["id"]}
+        if starter is start_ours:  # neither the idle node nor the placeholder ran
             restarted = log.read_bytes()[logged:].decode(errors="replace")
             assert "Worker " in restarted and "failed" not in restarted, restarted
         yield client.close()
