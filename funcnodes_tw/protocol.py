@@ -351,7 +351,7 @@ class WorkerProtocol(WebSocketServerProtocol):
     def onMessageEnd(self):
         # Autobahn's also fires a "message" event with a new Deferred per
         # message, for observers this protocol never has.
-        if not (self._fast and _MESSAGE.usable(self)):
+        if not (_MESSAGE.usable(self) and self._fast):
             super().onMessageEnd()
             return
         if not self.failedByMe:
