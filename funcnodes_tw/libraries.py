@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from funcnodes_core._setup import AVAILABLE_MODULES, setup, setup_module
 from funcnodes_core.node import REGISTERED_NODES
+from funcnodes_core.utils.plugins import PLUGIN_FUNCTIONS
 from funcnodes_core.utils.plugins_types import InstalledModule
 
 _log = Logger()
@@ -88,12 +89,28 @@ def _import_ui_package():
         return
     sys.modules[_UI_SERVER] = None
     try:
-        import funcnodes_react_flow  # noqa: F401
+        import funcnodes_react_flow
     except ImportError:
-        pass  # not installed, or a version that needs its server: setup imports it whole
+        return  # not installed, or a version that needs its server: setup imports it whole
     finally:
         if sys.modules.get(_UI_SERVER, False) is None:
             del sys.modules[_UI_SERVER]
+    _without_setup_hook(funcnodes_react_flow.plugin_setup)
+
+
+def _without_setup_hook(plugin_setup):
+    """
+    funcnodes_react_flow's setup hook records the UI plugin of every
+    installed module, and so imports each one, used or not (funcnodes-files
+    brings aiohttp and requests: ~15 MB). L{register_ui_plugin} records the
+    modules the worker adds, so the hook goes; and funcnodes-core, which
+    reloads an imported entry-point module and runs its setup again, finds
+    this one scanned already.
+    """
+    PLUGIN_FUNCTIONS.pop(plugin_setup.__name__, None)
+    AVAILABLE_MODULES.setdefault(
+        plugin_setup.__name__, InstalledModule(name=plugin_setup.__name__, module=None)
+    )
 
 
 def rescan():
@@ -167,6 +184,8 @@ def register_ui_plugin(module):
         return
     plugin = module.entry_points.get("react_plugin")
     imported = module.module or module.entry_points.get("module")
+    if plugin is None:
+        plugin = getattr(imported, "REACT_PLUGIN", None)
     if plugin is not None and imported is not None:
         funcnodes_react_flow.FUNCNODES_REACT_PLUGIN[str(imported)] = plugin
 
