@@ -28,15 +28,11 @@ reference base is only recognised, never imported here: a class cannot
 subclass it without its module having been imported already.
 """
 
-import asyncio
 import sys
-from pathlib import Path
-from typing import ClassVar
 from uuid import uuid4
 
-from funcnodes_core import EventEmitterMixin, NodeClassMixin, instance_nodefunction
+from funcnodes_core import instance_nodefunction
 from funcnodes_core.lib import flatten_shelf
-from pydantic import BaseModel, ValidationError
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -58,6 +54,19 @@ __all__ = [
 
 _log = Logger()
 
+#: The authors' side, in a module of its own: it needs pydantic (~3 MB),
+#: which a worker without external workers never imports.
+_AUTHORS = "funcnodes_tw.external_api"
+_AUTHORS_NAMES = {"ExternalWorker", "ExternalWorkerConfig", "export_excluded", "rpc"}
+
+
+def __getattr__(name):
+    if name in _AUTHORS_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_AUTHORS), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 #: The top library shelf under which every instance gets a shelf of its own.
 SHELF = "_external_worker"
 #: How long an instance may take to stop before the worker gives up on it.
@@ -72,202 +81,6 @@ class WorkerNotFound(ValueError):
     pass
 
 
-class ExternalWorkerConfig(BaseModel):
-    """
-    Base of an external worker's configuration.
-
-    Fields declared with C{json_schema_extra={"export": False}}, or named in
-    C{EXPORT_EXCLUDE_FIELDS}, stay out of exported worker states.
-    """
-
-    EXPORT_EXCLUDE_FIELDS: ClassVar[frozenset] = frozenset()
-
-
-def export_excluded(config_cls):
-    """
-    The fields of a config class that exports leave out (either base class).
-    """
-    excluded = set(getattr(config_cls, "EXPORT_EXCLUDE_FIELDS", ()) or ())
-    for name, field in config_cls.model_fields.items():
-        extra = field.json_schema_extra
-        if isinstance(extra, dict) and extra.get("export") is False:
-            excluded.add(name)
-    return excluded
-
-
-def rpc(function):
-    """
-    Mark a method of an L{ExternalWorker} as callable by clients through
-    the C{call_external_worker} command.
-    """
-    setattr(function, _RPC_MARK, True)
-    return function
-
-
-class ExternalWorker(NodeClassMixin, EventEmitterMixin):
-    """
-    Base class of external workers run by funcnodes_tw.
-
-        class Camera(ExternalWorker):
-            worker_type = "camera"            # or NODECLASSID = "camera"
-            config_cls = CameraConfig         # a pydantic ExternalWorkerConfig
-            LOOP_INTERVAL = 0.5
-
-            async def setup(self): ...        # once, when it starts
-            async def loop(self): ...         # every LOOP_INTERVAL seconds
-            async def close(self): ...        # once, when it stops
-
-            @instance_nodefunction()
-            def snapshot(self) -> bytes: ...  # node "camera.<uuid>.snapshot"
-
-            @rpc
-            async def focus(self, distance: float): ...
-
-    Hooks may be plain or C{async}; an exception in C{loop()} is logged and
-    the next run happens as usual. C{worker_type} and C{NODECLASSID} name
-    the same thing, the id that class and its node ids carry; give either.
-    The constructor has the reference base's signature, so instances can be
-    made the same way for both kinds.
-    """
-
-    IS_ABSTRACT = True
-    NODECLASSID = None
-    worker_type = None
-    NAME = None
-    config_cls = ExternalWorkerConfig
-    LOOP_INTERVAL = DEFAULT_INTERVAL
-
-    def __init_subclass__(cls, **kwargs):
-        own = cls.__dict__
-        if own.get("NODECLASSID") is None and own.get("worker_type"):
-            cls.NODECLASSID = own["worker_type"]
-        elif own.get("NODECLASSID") and own.get("worker_type") is None:
-            cls.worker_type = own["NODECLASSID"]
-        super().__init_subclass__(**kwargs)
-
-    def __init__(self, workerid, config=None, data_path=None, name=None):
-        """
-        An invalid C{config} raises C{pydantic.ValidationError}; unlike
-        L{update_config}, C{post_config_update} is not called from here
-        (a subclass's own C{__init__} has not run yet).
-        """
-        super().__init__()
-        self.uuid = workerid
-        if name:
-            self.name = name
-        self._data_path = Path(data_path) if data_path else None
-        self._running = False
-        self._remove = None
-        self._nodeshelf = None
-        self._config = self._merged(config)
-
-    # region state
-
-    @property
-    def running(self):
-        return self._running
-
-    @property
-    def config(self):
-        return self._config
-
-    @property
-    def data_path(self):
-        """
-        This instance's own directory, created on first use.
-        """
-        if self._data_path is None:
-            return None
-        self._data_path.mkdir(parents=True, exist_ok=True)
-        return self._data_path
-
-    def _merged(self, config):
-        values = self._config.model_dump() if hasattr(self, "_config") else {}
-        if isinstance(config, BaseModel):
-            config = config.model_dump()
-        values.update(config or {})
-        return self.config_cls(**values)
-
-    def update_config(self, config):
-        """
-        Merge C{config} (a dict or a config model) into the current config.
-
-        @raise pydantic.ValidationError: the result is not a valid config.
-        """
-        self._config = self._merged(config)
-        try:
-            self.post_config_update()
-        except Exception:
-            _log.failure("post_config_update of {name} failed", name=self.name)
-        return self._config
-
-    def serialize(self, export=False):
-        """
-        The instance as the protocol shows it (PROTOCOL.md section 13).
-        """
-        exclude = export_excluded(type(self._config)) if export else None
-        return {
-            "uuid": self.uuid,
-            "nodeclassid": self.NODECLASSID,
-            "running": self.running,
-            "name": self.name,
-            "config": self._config.model_dump(mode="json", exclude=exclude),
-        }
-
-    def get_nodeshelf(self):
-        return self._nodeshelf
-
-    def set_nodeshelf(self, shelf):
-        """
-        Publish a shelf of extra nodes beneath this instance's shelf.
-        """
-        self._nodeshelf = shelf
-        self.emit("nodes_update")
-
-    # endregion
-    # region hooks
-
-    def setup(self):
-        """
-        Called once when the instance starts, before the first C{loop()}.
-        """
-
-    def loop(self):
-        """
-        Called every C{LOOP_INTERVAL} seconds while the instance runs.
-        """
-
-    def close(self):
-        """
-        Called once when the instance stops (removed, or the worker stops);
-        it has C{STOP_TIMEOUT} seconds.
-        """
-
-    def post_config_update(self):
-        """
-        Called after C{update_config}; the config is C{self.config}.
-        """
-
-    # endregion
-
-    async def stop(self):
-        """
-        End this instance from inside: the worker removes it, its shelf and
-        its nodes as C{remove_external_worker} does.
-        """
-        if self._remove is None:
-            await _as_awaitable(self.close())
-            self._running = False
-            return
-        await self._remove().asFuture(asyncio.get_running_loop())
-
-
-async def _as_awaitable(result):
-    if asyncio.iscoroutine(result):
-        return await result
-    return result
-
-
 # region discovery
 
 
@@ -276,10 +89,18 @@ def _reference_base():
     return getattr(module, "FuncNodesExternalWorker", None)
 
 
+def _our_base():
+    """
+    L{ExternalWorker}, if imported: no class is one of ours before that.
+    """
+    return getattr(sys.modules.get(_AUTHORS), "ExternalWorker", None)
+
+
 def is_worker_class(obj):
     if not isinstance(obj, type):
         return False
-    if issubclass(obj, ExternalWorker):
+    ours = _our_base()
+    if ours is not None and issubclass(obj, ours):
         return not obj.__dict__.get("IS_ABSTRACT", False)
     base = _reference_base()
     return base is not None and issubclass(obj, base) and obj is not base
@@ -335,6 +156,15 @@ def unregister_module(worker, module):
 # endregion
 
 
+def _validation_error():
+    """
+    pydantic's error class; pydantic is loaded once any worker class exists.
+    """
+    from pydantic import ValidationError
+
+    return ValidationError
+
+
 def _saved_uuid(entry):
     if isinstance(entry, dict):
         entry = entry.get("uuid")
@@ -359,7 +189,7 @@ class Instance(Service):
     def __init__(self, manager, instance):
         self.manager = manager
         self.instance = instance
-        self.reference = not isinstance(instance, ExternalWorker)
+        self.reference = not isinstance(instance, _our_base() or ())
         self.name = f"{instance.NODECLASSID}.{instance.uuid}"
         self.node_classes = []
         self.mounted = None
@@ -606,7 +436,7 @@ class ExternalWorkers(MultiService):
         data_path = self.worker.files.data / "external_workers" / uuid
         try:
             instance = cls(workerid=uuid, config=config, data_path=data_path, name=name)
-        except ValidationError as exc:
+        except _validation_error() as exc:
             _log.warn("Invalid config of {uuid} ignored: {exc}", uuid=uuid, exc=exc)
             instance = cls(workerid=uuid, data_path=data_path, name=name)
         handle = Instance(self, instance)

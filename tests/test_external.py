@@ -226,7 +226,7 @@ def test_package_exports_the_base_class_lazily():
         "assert 'twisted.internet.reactor' not in sys.modules\n"
         "assert 'funcnodes_tw.external' not in sys.modules\n"
         "from funcnodes_tw import ExternalWorker\n"
-        "assert ExternalWorker.__module__ == 'funcnodes_tw.external'\n"
+        "assert ExternalWorker.__module__ == 'funcnodes_tw.external_api'\n"
         "assert 'twisted.internet.reactor' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
