@@ -167,7 +167,7 @@ class WorkerService(MultiService):
             config = {"package_dependencies": config}
         worker.config = config
         if worker.name is None:
-            worker.name = config.get("name")
+            worker.name = _configured_name(config.get("name"), files.config)
         worker.set_runstate("starting", "Loading packages")
         # Installed packages load now; missing ones are installed after the
         # port listens (pip may take minutes), their nodes kept as
@@ -285,6 +285,17 @@ def _read_config(path):
         _log.error("Ignoring unreadable worker config {path}: {exc}", path=path, exc=exc)
         return None
     return config if isinstance(config, dict) else None
+
+
+def _configured_name(value, path):
+    """
+    The name the config gives: a string that is not blank, else None (the
+    worker then goes by its uuid).
+    """
+    if value is None or isinstance(value, str):
+        return (value or "").strip() or None
+    _log.warn("Ignoring the name {value!r} in {path}: not a string", value=value, path=path)
+    return None
 
 
 def is_tls(port):

@@ -263,6 +263,11 @@ class Worker:
         return list(self.external.modules)
 
     def display_name(self):
+        """
+        The name every client sees (C{name}, C{get_config}, the registration
+        the manager lists): without one of its own a worker goes by its
+        uuid, as the reference's does.
+        """
         return self.name or self.uuid
 
     def meta(self):
@@ -307,7 +312,7 @@ class Worker:
         fields = {
             "type": "WSWorker",
             "uuid": self.uuid,
-            "name": self.name,
+            "name": self.display_name(),
             "data_path": (
                 None if self.files.data == self.files.default_data else str(self.files.data)
             ),
