@@ -799,3 +799,7 @@ async def idle(bench: Bench, cfg, out: Recorder):
 
 # -- startup: in a module of its own (bench/startup.py) ----------------------------------
 from bench import startup as _startup  # noqa: E402,F401  (registers the figure)
+
+
+# -- as_bytes: in a module of its own (bench/binary.py) ----------------------------------
+from bench import binary as _binary  # noqa: E402,F401  (registers the figure)
