@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from funcnodes_tw import aio, wire
-from funcnodes_tw.hub import HOLD_MAX, Hub
+from funcnodes_tw.hub import HOLD_MAX, SHARED_FRAME_MAX, Hub
 from funcnodes_tw.outbox import Outbox
 
 
@@ -159,3 +159,16 @@ async def test_call_when_idle_waits_for_the_work_to_end_or_max_wait(max_wait, id
         d = Deferred()
         aio.event_loop().call_soon(d.callback, None)
         await d
+
+
+def test_a_big_binary_broadcast_reaches_each_client_uncopied():
+    """
+    Framing a message once for several clients copies its payload: a big
+    one goes to each client as it is.
+    """
+    a, b = FakeClient(), FakeClient()
+    hub, idle = hub_with(a, b)
+    payload = bytes(SHARED_FRAME_MAX)
+    hub.broadcast_binary(payload, {"type": "io_value", "node": "n", "io": "a"})
+    [frame], [same] = a.received, b.received
+    assert frame is same and frame.payload is payload
