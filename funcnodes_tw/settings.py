@@ -59,6 +59,13 @@ class Settings:
     debug: bool = False
     #: debug, info, warn or error.
     log_level: str = "info"
+    #: A Dask scheduler (C{tcp://host:8786}) for the nodes funcnodes-core
+    #: would run in a separate process (see L{funcnodes_tw.cluster}).
+    cluster: Optional[str] = None
+    #: More nodes to run there: C{fnmatch} patterns of node ids.
+    cluster_nodes: Optional[list] = None
+    #: Without a scheduler, cluster nodes fail ("error") or run here ("local").
+    cluster_fallback: str = "error"
 
     def __post_init__(self):
         if self.max_incoming_size is None:
@@ -83,6 +90,8 @@ _KINDS = {
     "required_heartbeat": float,
 }
 LOG_LEVELS = ("debug", "info", "warn", "error")
+CLUSTER_FALLBACKS = ("error", "local")
+_CLUSTER = re.compile(r"(tcp|tls)://[^\s/]+:[0-9]{1,5}")
 
 #: A token travels unescaped in URLs (C{ws://host/?token=T}, from which the UI
 #: derives C{/?token=T/message/<id>}): C{/} would end it early, C{+} would
@@ -95,6 +104,12 @@ def check_token(value):
         raise ValueError(
             "token must be a non-empty string of letters, digits, '.', '_', '~' and '-'"
         )
+    return value
+
+
+def check_cluster(value):
+    if not isinstance(value, str) or not _CLUSTER.fullmatch(value):
+        raise ValueError(f"cluster must be a scheduler address like tcp://host:8786, not {value!r}")
     return value
 
 
@@ -120,6 +135,14 @@ def _checked(name, value):
         raise ValueError(f"debug must be true or false, not {value!r}")
     if name == "token":
         return check_token(value)
+    if name == "cluster":
+        return check_cluster(value)
+    if name == "cluster_nodes" and not (
+        isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+    ):
+        raise ValueError(f"cluster_nodes must be a list of node id patterns, not {value!r}")
+    if name == "cluster_fallback" and value not in CLUSTER_FALLBACKS:
+        raise ValueError(f"cluster_fallback must be one of {', '.join(CLUSTER_FALLBACKS)}")
     if name == "log_level" and not isinstance(value, str):
         raise ValueError(f"{name} must be a string, not {value!r}")
     if name == "log_level" and value not in LOG_LEVELS:

@@ -4,6 +4,7 @@ and the C{funcnodes-tw} launcher.
 """
 
 import atexit
+import importlib.util
 import os
 import re
 import sys
@@ -67,6 +68,7 @@ class Options(usage.Options):
         ["max-client-queue", None, None, "Bytes a slow client may fall behind before it is disconnected (default 32 MiB).", _positive(int)],
         ["max-message-store", None, None, "Bytes of large messages kept for GET /message/ (default 512 MiB).", _positive(int)],
         ["max-binary-frame", None, None, "Split binary values into chunk=i/n frames of this many bytes (the UI cannot reassemble them).", _positive(int)],
+        ["cluster", None, None, "A Dask scheduler (tcp://HOST:8786) for the nodes that run in a separate process (pip install 'funcnodes-tw[cluster]').", settings.check_cluster],
     ]
 
     def __init__(self):
@@ -95,6 +97,10 @@ class Options(usage.Options):
             self.settings = settings.resolve(self, _settings_config(self.files))
         except ValueError as exc:
             raise usage.UsageError(f"{self.files.config}: {exc}") from None
+        if self.settings.cluster and importlib.util.find_spec("distributed") is None:
+            raise usage.UsageError(
+                "a cluster needs Dask's distributed: pip install 'funcnodes-tw[cluster]'"
+            )
 
 
 def new_uuid(name=None):
