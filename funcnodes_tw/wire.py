@@ -9,6 +9,8 @@ funcnodes-core's encoders as the fallback for objects it does not know).
 import functools
 import itertools
 import json
+import math
+import numbers
 import re
 import struct
 import traceback
@@ -16,7 +18,8 @@ import uuid
 
 import orjson
 import pybase64
-from funcnodes_core import ByteEncoder, BytesEncdata, JSONEncoder, Node
+from funcnodes_core import ByteEncoder, BytesEncdata, Encdata, JSONEncoder, Node, NodeIO
+from funcnodes_core.io import NoValue
 
 _OPTIONS = (
     orjson.OPT_NON_STR_KEYS
@@ -67,9 +70,75 @@ def _default(obj):
     if data is not None:
         return _with_data(obj, _base64(data))
     if isinstance(obj, Node):
-        # What its _repr_json_ gives, without funcnodes-core's recursive walk.
-        return obj.full_serialize(with_io_values=False)
-    return JSONEncoder.apply_custom_encoding(obj, preview=False)
+        return describe_node(obj)
+    if isinstance(obj, NodeIO):
+        return describe_io(obj)
+    encoded = JSONEncoder.apply_custom_encoding(obj, preview=False)
+    # A float subclass (numpy's float64) comes back as itself, which orjson
+    # would hand to this function again and again.
+    return float(encoded) if isinstance(encoded, float) else encoded
+
+
+#: Types that L{_non_finite} passes at once: funcnodes-core runs it on every
+#: item it encodes. Python's floats are left to the JSON encoders.
+_NOT_NUMPY = frozenset({str, int, float, bool, type(None), list, dict, tuple})
+_PASS = Encdata(data=None)
+_NULL = Encdata(data=None, handeled=True, done=True)
+
+
+def _non_finite(obj, preview=False):
+    """
+    NaN and the infinities of every real type (numpy's float16 to longdouble)
+    as None, C{null} in JSON: funcnodes-core encodes numpy's as text
+    (C{"inf"}) or, for float64, as C{-Infinity}, which is not JSON.
+    """
+    if type(obj) in _NOT_NUMPY or not isinstance(obj, numbers.Real) or math.isfinite(obj):
+        return _PASS
+    return _NULL
+
+
+JSONEncoder.add_encoder(_non_finite)
+
+
+#: Input defaults that a preview leaves as they are.
+_SCALARS = frozenset({type(None), bool, int, float, type(NoValue)})
+
+
+def _bound_default(io):
+    """
+    Make the default in C{io}, an IO's description, a preview, as the
+    reference makes it (10 items a list, 1000 characters a string): a
+    node whose default is a huge list must not make C{full_state} huge.
+    """
+    default = io.get("default", None)
+    if type(default) not in _SCALARS:
+        io["default"] = JSONEncoder.apply_custom_encoding(default, preview=True)
+    return io
+
+
+def bound_node(description):
+    """
+    C{description}, a node's C{full_serialize()}, with previews for its
+    inputs' defaults; option lists (C{value_options}) stay complete.
+    """
+    for io in description["io"]:
+        _bound_default(io)
+    return description
+
+
+def describe_node(node):
+    """
+    A node as clients get it (C{add_node}, C{get_node}, C{full_state}): its
+    C{_repr_json_} with bounded defaults, without funcnodes-core's walk.
+    """
+    return bound_node(node.full_serialize(with_io_values=False))
+
+
+def describe_io(io):
+    """
+    An input or output as clients get it, its default bounded.
+    """
+    return _bound_default(io.full_serialize(with_value=False))
 
 
 _INT64 = range(-(2**63), 2**64)
@@ -88,13 +157,37 @@ def _big_ints(obj):
     return obj
 
 
+def _finite(obj):
+    """
+    A copy of C{obj} with non-finite floats as None, for the standard
+    library's encoder, which writes them as C{NaN} and C{Infinity}.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
+
+
+class _StrictEncoder(json.JSONEncoder):
+    """
+    The standard library's encoder with L{_default} and no non-finite floats.
+    """
+
+    def default(self, obj):
+        return _finite(_default(obj))
+
+
 def dumps(obj):
     """
     Encode C{obj} as UTF-8 JSON bytes, applying funcnodes-core's encoders.
 
     Integers beyond 64 bits, which orjson refuses, are rendered as fragments
-    (NaN still becomes null); only what orjson cannot do at all (nesting deeper
-    than 255, lone surrogates) takes the slow standard path. What is nested
+    (non-finite numbers become null on every path); only what orjson cannot
+    do at all (nesting deeper than 255, lone surrogates) takes the slow
+    standard path. What is nested
     too deeply even for that (clients may send 1024 levels) raises
     RecursionError.
     """
@@ -107,7 +200,7 @@ def dumps(obj):
             _big_ints(obj), default=lambda o: _big_ints(_default(o)), option=_OPTIONS
         )
     except (orjson.JSONEncodeError, RecursionError):
-        return json.dumps(obj, cls=JSONEncoder).encode("utf-8")
+        return json.dumps(_finite(obj), cls=_StrictEncoder, allow_nan=False).encode("utf-8")
 
 
 #: Bytes from this size on are base64'd only when the text is written out
@@ -326,8 +419,27 @@ def encode_value(value, preview):
             return f"application/fn.struct.{fmt}", struct.pack(fmt, value)
         except struct.error:  # an int beyond 64 bits: ByteEncoder says what
             pass
-    encoded = value if isinstance(value, BytesEncdata) else ByteEncoder.encode(value, preview=preview)
+    encoded = value if isinstance(value, BytesEncdata) else byte_encode(value, preview)
     return encoded.mime, encoded.data
+
+
+def byte_encode(value, preview):
+    """
+    C{ByteEncoder.encode}, but what no byte encoder takes becomes strict
+    JSON: funcnodes-core's fallback writes C{Infinity}, which the UI cannot
+    parse. The text is otherwise the same (the standard library's spacing).
+    """
+    try:
+        return ByteEncoder.encode(value, preview=preview, json_fallback=False)
+    except ByteEncoder.NoEncoderException:
+        pass
+    data = JSONEncoder.apply_custom_encoding(value, preview)
+    try:
+        text = json.dumps(data, allow_nan=False)
+    except ValueError:  # a non-finite float that no encoder saw (a _repr_json_'s)
+        text = json.dumps(_finite(data), allow_nan=False)
+    return BytesEncdata(data=text.encode("utf-8", errors="replace"), handeled=True,
+                        mime="application/json")
 
 
 def _has_encoder(kind):

@@ -161,6 +161,8 @@ class Worker:
         if isinstance(data.get("result"), Library):  # after_add_shelf, after_remove_shelf
             self.send_later(self._send_library_event, event, data)
             return
+        if event == "node_added":
+            wire.bound_node(data["node"])
         if event in ("node_error", "node_trigger_error"):
             _log.warn("Node {node} failed: {error}\n{traceback}", node=data.get("node"),
                       error=data.get("error"), traceback="".join(data.get("tb") or ()))
@@ -202,7 +204,7 @@ class Worker:
         """
         nodespace = self.nodespace
         return {
-            "nodes": [node.full_serialize(with_io_values=False) for node in nodespace.nodes],
+            "nodes": [wire.describe_node(node) for node in nodespace.nodes],
             "prop": nodespace._properties,
             "lib": self.library_json(),
             "edges": nodespace.serialize_edges(),

@@ -11,6 +11,11 @@ import re
 import struct
 import uuid
 
+import funcnodes_core
+import funcnodes_numpy  # noqa: F401  (its array encoder, as in a worker that loads it)
+import funcnodes_pandas  # noqa: F401  (its DataFrame encoder)
+import numpy
+import pandas
 import pytest
 from funcnodes_core import ByteEncoder, BytesEncdata
 
@@ -332,6 +337,207 @@ def test_other_shapes():
         "url": "http://h:1/message/x",
         "msg_id": "x",
     }
+
+
+# endregion
+
+
+# region non-finite numbers
+
+
+def _refuse(token):
+    raise ValueError(f"not JSON: {token}")
+
+
+def strict(text):
+    """
+    Parse C{text} as a browser's C{JSON.parse} does: no NaN or Infinity.
+    """
+    return json.loads(text, parse_constant=_refuse)
+
+
+#: Every real type the node packages produce, numpy's float widths included.
+FLOAT_TYPES = [float, numpy.float16, numpy.float32, numpy.float64, numpy.longdouble]
+NON_FINITE = ["nan", "inf", "-inf"]
+
+
+def test_the_strict_parser_refuses_what_the_standard_encoder_writes():
+    with pytest.raises(ValueError, match="not JSON: -Infinity"):
+        strict(json.dumps([float("-inf")]))
+
+
+@pytest.mark.parametrize("kind", FLOAT_TYPES, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("text", NON_FINITE)
+def test_non_finite_scalars_are_null_everywhere_in_a_message(kind, text):
+    value = kind(text)
+    message = {"v": value, "l": [value, 1], "t": (value,), "d": {"deep": [{"x": value}]}}
+    expected = {"v": None, "l": [None, 1], "t": [None], "d": {"deep": [{"x": None}]}}
+    assert strict(wire.dumps(message)) == expected
+    assert strict(bytes(wire.dumps_lazy(message))) == expected
+
+
+@pytest.mark.parametrize("kind", FLOAT_TYPES, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("text", NON_FINITE)
+def test_non_finite_scalars_are_null_on_the_slow_paths(kind, text):
+    """
+    Big integers, nesting deeper than orjson goes and lone surrogates take
+    other encoders, which must not bring the tokens back.
+    """
+    value = kind(text)
+    deep = [value]
+    for _ in range(300):
+        deep = [deep]
+    for message in ({"big": 2**70, "v": value}, {"deep": deep}, {"s": "\ud800", "v": [value]}):
+        assert "Infinity" not in wire.dumps(message).decode() and "NaN" not in wire.dumps(message).decode()
+        parsed = strict(wire.dumps(message))
+        inner = parsed.get("deep") or parsed["v"]
+        while isinstance(inner, list):
+            (inner,) = inner
+        assert inner is None
+
+
+@pytest.mark.parametrize("kind", FLOAT_TYPES[1:], ids=lambda k: k.__name__)
+def test_non_finite_numbers_inside_numpy_arrays_are_null(kind):
+    array = numpy.array([1.5, "inf", "-inf", "nan"], dtype=kind)
+    # Finite items as in the reference: numbers, but longdouble's are text.
+    finite = json.loads(json.dumps(array[:1], cls=funcnodes_core.JSONEncoder))[0]
+    assert finite in (1.5, "1.5")
+    assert strict(wire.dumps({"a": array, "m": array.reshape(2, 2)})) == {
+        "a": [finite, None, None, None], "m": [[finite, None], [None, None]]
+    }
+    mime, payload = wire.encode_value(array, preview=False)
+    assert (mime, strict(payload)) == ("application/json", [finite, None, None, None])
+    # The preview is numpy's text of the array, a JSON string, as in the reference.
+    mime, payload = wire.encode_value(array, preview=True)
+    assert mime == "application/json" and "inf" in strict(payload)
+
+
+def test_non_finite_numbers_inside_pandas_objects_are_null():
+    frame = pandas.DataFrame({"a": [1.5, numpy.inf, numpy.nan],
+                              "b": numpy.array([-numpy.inf, 2, 3], dtype=numpy.float32)})
+    expected = {"index": [0, 1, 2], "columns": ["a", "b"],
+                "data": [[1.5, None], [None, 2.0], [None, 3.0]]}
+    assert strict(wire.dumps(frame)) == expected
+    for preview in (False, True):
+        mime, payload = wire.encode_value(frame, preview=preview)
+        assert (mime, strict(payload)) == ("application/json", expected)
+    series = pandas.Series([numpy.inf, 1.0, numpy.nan])
+    assert strict(wire.dumps(series)) == [None, 1.0, None]
+    assert strict(wire.encode_value(series, preview=False)[1]) == [None, 1.0, None]
+
+
+@pytest.mark.parametrize("kind", FLOAT_TYPES[1:], ids=lambda k: k.__name__)
+@pytest.mark.parametrize("text", NON_FINITE)
+def test_non_finite_numpy_scalars_as_values(kind, text):
+    """
+    A value's byte encoding: float64 (a Python float) is packed as a
+    double, as in the reference; the others' JSON is null, not C{"inf"}.
+    """
+    value = kind(text)
+    for preview in (False, True):
+        mime, payload = wire.encode_value(value, preview=preview)
+        if kind is numpy.float64:
+            assert (mime, payload) == ("application/fn.struct.!d", struct.pack("!d", value))
+        else:
+            assert (mime, payload) == ("application/json", b"null")
+        encoded = wire.byte_encode([value, {"k": value}], preview)
+        assert (encoded.mime, strict(encoded.data)) == ("application/json", [None, {"k": None}])
+
+
+def test_non_finite_numbers_an_encoder_hands_back_whole_are_null():
+    """
+    A C{_repr_json_} result is not walked by funcnodes-core's encoders.
+    """
+
+    class Thing:
+        def _repr_json_(self):
+            return {"inf": float("inf"), "l": [numpy.float64("-inf")]}
+
+    assert strict(wire.dumps({"t": Thing()})) == {"t": {"inf": None, "l": [None]}}
+    mime, payload = wire.encode_value(Thing(), preview=False)
+    assert (mime, strict(payload)) == ("application/json", {"inf": None, "l": [None]})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [numpy.float64(2.5), numpy.float32(2.5), numpy.float16(-1), numpy.int64(7), numpy.bool_(True),
+     numpy.array([1.5, 2], dtype=numpy.float32), complex(1, float("inf")),
+     numpy.complex128(complex("inf")), [numpy.float64(0.1), numpy.int32(3)]],
+    ids=repr,
+)
+def test_other_numbers_keep_the_reference_encoding(value):
+    """
+    Finite numpy numbers (and complex ones, which are text) come out as
+    funcnodes-core's encoder writes them, compact.
+    """
+    reference = json.dumps(value, cls=funcnodes_core.JSONEncoder)
+    assert strict(wire.dumps(value)) == json.loads(reference)
+    if not isinstance(value, float):
+        mime, payload = wire.encode_value(value, preview=False)
+        assert payload == ByteEncoder.encode(value, preview=False).data
+
+
+def test_a_finite_float64_stays_on_the_fast_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(wire.json, "dumps", lambda *a, **k: calls.append(a))
+    assert wire.dumps([numpy.float64(0.1), numpy.float64(-3)]) == b"[0.1,-3.0]"
+    assert calls == []
+
+
+# endregion
+
+
+# region node descriptions
+
+
+@pytest.fixture(scope="module")
+def numpy_library():
+    library = funcnodes_core.Library()
+    library.add_shelf(funcnodes_numpy.NODE_SHELF)
+    return library
+
+
+def _log_node(library, default):
+    node = library.get_node_by_id("np.log")()
+    node.inputs["x"].set_default(default)
+    return node
+
+
+def _described(description):
+    return {io["id"]: io for io in strict(wire.dumps(description))["io"]}
+
+
+@pytest.mark.parametrize(
+    "default, preview",
+    [(list(range(15)), list(range(10))), ("x" * 5000, "x" * 1000 + "..."),
+     ({"k": list(range(12))}, {"k": list(range(10))}), (7, 7), (2.5, 2.5), (None, None)],
+    ids=["list", "text", "dict", "int", "float", "none"],
+)
+def test_node_descriptions_bound_defaults_as_the_reference(numpy_library, default, preview):
+    node = _log_node(numpy_library, default)
+    ios = _described(wire.describe_node(node))
+    assert ios["x"]["default"] == preview
+    # Everything else is funcnodes-core's description of the node.
+    full = strict(wire.dumps(node.full_serialize(with_io_values=False)))
+    full["io"][0]["default"] = preview
+    assert strict(wire.dumps(wire.describe_node(node))) == full
+    assert strict(wire.dumps(wire.describe_io(node.inputs["x"])))["default"] == preview
+
+
+def test_node_descriptions_keep_option_lists_complete(numpy_library):
+    node = _log_node(numpy_library, list(range(15)))
+    options = _described(wire.describe_node(node))["dtype"]["value_options"]["options"]
+    assert len(options["keys"]) == len(options["values"]) == 21
+    assert "float16" in options["keys"] and "void" in options["keys"]
+
+
+def test_a_huge_default_keeps_a_node_description_small(numpy_library):
+    node = _log_node(numpy_library, list(range(1_000_000)))
+    assert len(wire.dumps(wire.describe_node(node))) < 5000
+    assert len(wire.dumps(node)) < 5000  # a Node in a reply (add_node, get_node)
+    assert len(wire.dumps(node.inputs["x"])) < 2000  # an IO (update_io_options)
+    event = wire.bound_node(node.full_serialize(with_io_values=False))  # node_added
+    assert len(wire.dumps(event)) < 5000
 
 
 # endregion

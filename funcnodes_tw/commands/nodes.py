@@ -5,8 +5,9 @@ Unlike the reference, every command that changes what is saved asks for a
 save (C{clear}, groups and value options included).
 """
 
-from funcnodes_core import ByteEncoder, JSONEncoder
+from funcnodes_core import JSONEncoder
 
+from funcnodes_tw import wire
 from funcnodes_tw.commands import command
 from funcnodes_tw.worker import DEFAULT_POS, DEFAULT_SIZE, set_node_view
 
@@ -49,7 +50,7 @@ def get_node_status(worker, nid: str):
 
 @command
 def get_nodes(worker, with_frontend=False):
-    nodes = worker.nodespace.full_nodes_serialize()
+    nodes = [wire.describe_node(node) for node in worker.nodespace.nodes]
     for node in nodes:
         props = node.get("properties", {})
         node["frontend"] = (
@@ -133,7 +134,7 @@ def get_ios_values(worker, nid: str):
 
 @command
 def get_io_full_value(worker, nid: str, ioid: str):
-    return ByteEncoder.encode(_node(worker, nid).get_input_or_output(ioid).value, preview=False)
+    return wire.byte_encode(_node(worker, nid).get_input_or_output(ioid).value, preview=False)
 
 
 @command(saves=True)
