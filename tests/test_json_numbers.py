@@ -1,9 +1,9 @@
 """
-What a browser gets from a worker that runs funcnodes-numpy nodes, over a
-real socket: every message parses with a strict parser (the browser's
-C{JSON.parse} has no NaN or Infinity), non-finite numbers are null, and node
-descriptions keep option lists complete but defaults bounded
-(docs/deviations.md).
+What a browser gets from a worker that runs funcnodes-numpy and
+funcnodes-pandas nodes, over a real socket: every message parses with a
+strict parser (the browser's C{JSON.parse} has no NaN or Infinity),
+non-finite numbers are null, and node descriptions keep option lists
+complete but defaults bounded (docs/deviations.md).
 """
 
 import base64
@@ -89,6 +89,24 @@ def test_non_finite_numpy_numbers_are_null_in_every_message(start, received):
         assert decoded(full) == [None, None, 0.0]
         frame = yield client.call("get_io_full_value", nid=log, ioid="y", as_bytes=True)
         assert strict(frame["payload"]) == [None, None, 0.0]
+
+    # pandas objects from funcnodes-pandas nodes, through numpy's log.
+    yield client.call("add_shelf", src="funcnodes_pandas")
+    for source, out, data, expected in [
+        ("pd.df_from_dict", "df", {"a": [0, 1, -1]},
+         {"index": [0, 1, 2], "columns": ["a"], "data": [[None], [0.0], [None]]}),
+        ("pd.ser_from_list", "series", [0, 1, -1], [None, 0.0, None]),
+    ]:
+        src = (yield client.call("add_node", id=source))["id"]
+        trg = (yield client.call("add_node", id="np.log"))["id"]
+        yield client.call("add_edge", src_nid=src, src_ioid=out, trg_nid=trg, trg_ioid="x")
+        mark = len(client.transcript)
+        yield client.call("set_io_value", nid=src, ioid="data", value=data)
+        frame = yield client.wait_for(io_value(trg, "y"), start=mark)
+        if source == "pd.df_from_dict":  # a Series' preview is numpy's text
+            assert strict(frame["payload"]) == expected
+            assert (yield client.call("get_io_value", nid=trg, ioid="y")) == expected
+        assert decoded((yield client.call("get_io_full_value", nid=trg, ioid="y"))) == expected
 
     # An array too big for one message goes out as a large message.
     full = (yield client.call("add_node", id="np.full"))["id"]
