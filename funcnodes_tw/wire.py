@@ -3,7 +3,9 @@ What goes over the wire: JSON message shapes and binary frames.
 
 Every shape here is the reference worker's (PROTOCOL.md sections 2-4), so the
 real clients keep working; only the encoder is faster (orjson, with
-funcnodes-core's encoders as the fallback for objects it does not know).
+funcnodes-core's encoders as the fallback for objects it does not know), its
+JSON strict (non-finite numbers are null) and node descriptions bounded
+(docs/deviations.md).
 """
 
 import functools
@@ -64,7 +66,8 @@ def _default(obj):
     """
     funcnodes-core's encoders, with a fast lane for raw bytes: SIMD base64
     straight to a str, where funcnodes-core copies the bytes (dataclass),
-    encodes them and decodes the result, three times slower.
+    encodes them and decodes the result, three times slower. Nodes and IOs
+    are described as L{describe_node} describes them.
     """
     data = _fast_bytes(obj)
     if data is not None:
