@@ -4,12 +4,12 @@
 #
 # The README's first command, taken from its first ```sh block, runs in a
 # fresh clone of the repository's HEAD (committed work only, as a new user
-# gets it; never the dev .venv), with
-# a fresh FUNCNODES_CONFIG_DIR: it creates a venv without extras, installs
-# the package and starts `funcnodes-tw`. Then `twistd -n funcnodes-worker`
-# from that same venv gets the same checks. Each worker must stop cleanly on
-# SIGTERM and remove its .p file. Everything started here is stopped, and
-# the temporary directory removed, on exit.
+# gets it; never the dev .venv) with a fresh FUNCNODES_CONFIG_DIR: it creates
+# a venv without extras, installs the package and starts `funcnodes-tw`.
+# Then `twistd -n funcnodes-worker` from that same venv gets the same checks.
+# On SIGTERM each worker must stop cleanly, log its end and remove its .p
+# file. Everything started here is stopped, and the temporary directory
+# removed, on exit.
 #
 #     tests/smoke.sh        (SMOKE_TIMEOUT: seconds for the install + start, default 900)
 set -euo pipefail
@@ -81,6 +81,7 @@ check() {
         *) tail -n 40 "$log" >&2; fail "$name: exit status $status after SIGTERM" ;;
     esac
     [ -e "$config/workers/worker_$uuid.p" ] && fail "$name: worker_$uuid.p left behind"
+    grep -qF "Worker $uuid stopped" "$log" || fail "$name: its log does not say it stopped"
     echo "smoke: $name: clean exit (status $status), worker_$uuid.p removed"
 }
 
