@@ -388,7 +388,6 @@ def test_non_finite_scalars_are_null_on_the_slow_paths(kind, text):
     for _ in range(300):
         deep = [deep]
     for message in ({"big": 2**70, "v": value}, {"deep": deep}, {"s": "\ud800", "v": [value]}):
-        assert "Infinity" not in wire.dumps(message).decode() and "NaN" not in wire.dumps(message).decode()
         parsed = strict(wire.dumps(message))
         inner = parsed.get("deep") or parsed["v"]
         while isinstance(inner, list):
