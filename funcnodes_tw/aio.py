@@ -46,7 +46,9 @@ def install_reactor(uvloop=False):
         if uvloop and not on_uvloop():
             raise WrongReactor("the reactor already runs on another loop than uvloop")
         return reactor
-    from twisted.internet import asyncioreactor
+    from twisted.internet.main import installReactor
+
+    from funcnodes_tw.reactor import AsyncioReactor
 
     if uvloop:
         loop = _new_uvloop()
@@ -56,7 +58,7 @@ def install_reactor(uvloop=False):
         except RuntimeError:
             loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    asyncioreactor.install(loop)
+    installReactor(AsyncioReactor(loop))
     from twisted.internet import reactor
 
     return reactor

@@ -20,11 +20,10 @@ import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from funcnodes_tw import corefixes, isolation, libraries, loops, packages, persistence, systemd
+from funcnodes_tw import corefixes, isolation, libraries, loops, packages, persistence, systemd, tls
 from funcnodes_tw.access import OriginPolicy
 from funcnodes_tw.commands import library
 from funcnodes_tw.hub import Hub
@@ -346,7 +345,8 @@ class Listener(Service):
         error = None
         for description in self.descriptions:
             try:
-                self.port = await serverFromString(self.reactor, description).listen(self.factory)
+                endpoint = tls.server_from_string(self.reactor, description)
+                self.port = await endpoint.listen(self.factory)
             except CannotListenError as exc:
                 error = exc
                 continue

@@ -10,11 +10,10 @@ import re
 import sys
 from uuid import uuid4
 
-from twisted.internet.endpoints import quoteStringArgument
 from twisted.logger import Logger
 from twisted.python import usage
 
-from funcnodes_tw import aio, persistence, settings
+from funcnodes_tw import aio, persistence, settings, tls
 from funcnodes_tw.logs import LEVELS
 
 _log = Logger()
@@ -117,6 +116,8 @@ def listen_descriptions(options, files):
     """
     if options["listen"]:
         return [options["listen"]]
+    from twisted.internet.endpoints import quoteStringArgument  # after the reactor (tls.py)
+
     host = quoteStringArgument(options["host"])
     port = options["port"]
     if port is None:
@@ -168,8 +169,9 @@ def _saved_config(files):
 def makeService(options, reactor=None):
     if reactor is None:
         reactor = aio.install_reactor()
-    from funcnodes_tw.resources import make_site
-    from funcnodes_tw.service import Listener, create
+    with tls.hidden():  # Autobahn imports TLS support too
+        from funcnodes_tw.resources import make_site
+        from funcnodes_tw.service import Listener, create
 
     files, worker_settings = options.files, options.settings
     service = create(

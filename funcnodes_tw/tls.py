@@ -1,0 +1,72 @@
+"""
+Twisted's TLS support, loaded when a TLS port needs it and not before.
+
+With pyOpenSSL installed (C{twisted[tls]}), Twisted's reactor and its
+endpoints module import it, and cryptography with it, when they load: about
+6 MB resident for TLS that most workers never speak. While L{hidden}, those
+modules load as if pyOpenSSL were missing; L{funcnodes_tw.reactor} then
+wraps TLS ports itself, and L{server_from_string} gives the endpoints module
+its TLS names back when a description may need them.
+"""
+
+import importlib
+import importlib.util
+import sys
+from contextlib import contextmanager
+
+#: Endpoint types that never speak TLS: no need to load it for them.
+PLAIN = frozenset({"tcp", "tcp6", "unix", "systemd", "stdio"})
+
+
+class _Hide:
+    """
+    A module finder that refuses pyOpenSSL.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "OpenSSL" or name.startswith("OpenSSL."):
+            raise ModuleNotFoundError(f"{name} is loaded only for TLS ports", name=name)
+        return None
+
+
+@contextmanager
+def hidden():
+    """
+    Import Twisted modules inside this block without their TLS support.
+    """
+    if "OpenSSL" in sys.modules:
+        yield
+        return
+    finder = _Hide()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+
+
+def server_from_string(reactor, description):
+    """
+    Twisted's C{serverFromString}, with the endpoints module reloaded first
+    when it was loaded without TLS and the description is not a plain port
+    (its C{tls:} parser needs the names it would have imported).
+    """
+    from twisted.internet import endpoints
+
+    kind = description.split(":", 1)[0].strip().lower()
+    if (
+        kind not in PLAIN
+        and getattr(endpoints, "TLSMemoryBIOFactory", None) is None
+        and importlib.util.find_spec("OpenSSL") is not None
+    ):
+        endpoints = importlib.reload(endpoints)
+    return endpoints.serverFromString(reactor, description)
+
+
+def wrap(context_factory, is_client, factory):
+    """
+    C{factory} speaking TLS (what Twisted's own C{listenSSL} does).
+    """
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    return TLSMemoryBIOFactory(context_factory, is_client, factory)
