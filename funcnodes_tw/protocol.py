@@ -209,8 +209,8 @@ class WorkerProtocol(WebSocketServerProtocol):
 
     def send_binary(self, payload, key=None, hold=False):
         """
-        Send a binary frame; a waiting frame with the same C{key} (a value
-        preview of the same IO) is superseded by this one.
+        Send a binary message, a L{wire.BinaryFrame}; a waiting one with the
+        same C{key} (a value preview of the same IO) is superseded by it.
         """
         if self.state == self.STATE_OPEN:
             self.outbox.put(payload, True, key, hold=hold)

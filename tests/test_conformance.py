@@ -37,7 +37,7 @@ from autobahn.websocket.compress import PerMessageDeflateOffer
 from twisted.internet import defer, reactor, task, utils
 from twisted.web.resource import Resource
 
-from funcnodes_tw import __version__
+from funcnodes_tw import __version__, wire
 from funcnodes_tw.access import OriginPolicy
 from funcnodes_tw.hub import Hub
 from funcnodes_tw.protocol import WorkerProtocol, make_factory, protocol_options
@@ -66,7 +66,7 @@ class EchoProtocol(WorkerProtocol):
 
     def onMessage(self, payload, isBinary):
         if isBinary:
-            self.send_binary(payload)
+            self.send_binary(wire.BinaryFrame(b"", payload))
         else:
             self.send_text(payload)
 
