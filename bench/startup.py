@@ -9,6 +9,9 @@ the other for the two cores; the order alternates between rounds.
 * *RSS at idle*: ``VmRSS`` after the bench's client connected, sent ``uuid`` and (the
   reference) added funcnodes-basic, so both hold the same library, then
   ``cfg.startup_idle`` seconds (5 s; ``--quick``: 1 s) of nothing.
+* *first upload* / *second upload*: ``POST /upload/`` of a 1 kB file right after that;
+  funcnodes_tw imports its multipart parser at the first upload, so the first one
+  shows what deferring that import costs.
 
 Both are medians over ``cfg.startup_rounds`` rounds; the JSON has every round.
 """
@@ -19,10 +22,25 @@ import asyncio
 import statistics
 import time
 
-from bench.figures import Recorder, figure, mb, ratio_at_most
+from bench.figures import BOUNDARY, Recorder, figure, mb, ratio_at_most
 from bench.harness import Bench, Worker
 
 POLL = 0.01
+UPLOAD = (
+    f"--{BOUNDARY}\r\n"
+    'Content-Disposition: form-data; name="file"; filename="first.bin"\r\n'
+    "Content-Type: application/octet-stream\r\n\r\n"
+).encode() + bytes(1000) + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+async def _upload_seconds(w: Worker) -> float:
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    t0 = time.perf_counter()
+    status, reply = await w.post("/upload/", UPLOAD, headers=headers)
+    seconds = time.perf_counter() - t0
+    if status != 200:
+        raise RuntimeError(f"{w.title}: upload -> {status} {reply[:200]!r}")
+    return seconds
 
 
 async def _one_start(bench: Bench, side: str, round_no: int) -> dict:
@@ -35,7 +53,10 @@ async def _one_start(bench: Bench, side: str, round_no: int) -> dict:
         listening = time.perf_counter() - t0
         await w.ready()
         await asyncio.sleep(bench.config.startup_idle)
-        return {"listening_s": listening, "rss": w.rss()}
+        rss = w.rss()
+        first = await _upload_seconds(w)
+        second = await _upload_seconds(w)
+        return {"listening_s": listening, "rss": rss, "upload1_s": first, "upload2_s": second}
     finally:
         await w.stop()
 
@@ -57,3 +78,9 @@ async def startup(bench: Bench, cfg, out: Recorder):
         {s: mb(statistics.median(r["rss"] for r in rs)) for s, rs in results.items()},
         "lower", target=ratio_at_most(1.0),
     )
+    for key, label in (("upload1_s", "first"), ("upload2_s", "second")):
+        out.add(
+            f"{label} upload of 1 kB after the idle wait (median)", "ms",
+            {s: statistics.median(r[key] for r in rs) * 1e3 for s, rs in results.items()},
+            "lower",
+        )
