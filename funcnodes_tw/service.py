@@ -301,7 +301,7 @@ def is_tls(port):
     """
     Whether a listening port speaks TLS (C{ssl:} endpoints wrap the factory).
 
-    Twisted's TLS support (pyOpenSSL, cryptography: ~11 MB) is looked up, not
+    Twisted's TLS module (with pyOpenSSL: several MB) is looked up, not
     imported: a port cannot speak TLS unless it was imported to make it.
     """
     tls = sys.modules.get("twisted.protocols.tls")
