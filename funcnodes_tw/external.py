@@ -54,8 +54,8 @@ __all__ = [
 
 _log = Logger()
 
-#: The authors' side, in a module of its own: it needs pydantic (~3 MB),
-#: which a worker without external workers never imports.
+#: The authors' side, in a module of its own: it needs pydantic (~6 MB with
+#: pydantic-core), which a worker without external workers never imports.
 _AUTHORS = "funcnodes_tw.external_api"
 _AUTHORS_NAMES = {"ExternalWorker", "ExternalWorkerConfig", "export_excluded", "rpc"}
 
@@ -66,6 +66,7 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(_AUTHORS), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The top library shelf under which every instance gets a shelf of its own.
 SHELF = "_external_worker"

@@ -42,6 +42,8 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from funcnodes_tw import tls
+
 _log = Logger()
 
 DEFAULT_TIMEOUT = 600.0
@@ -503,6 +505,7 @@ async def fetch_text(url, reactor, timeout=MODULE_LIST_TIMEOUT):
     """
     GET C{url} as text within C{timeout} seconds, on a connection of its own.
     """
+    tls.load()  # https
     import treq
     from twisted.web.client import HTTPConnectionPool
 

@@ -5,8 +5,8 @@ With pyOpenSSL installed (C{twisted[tls]}), Twisted's reactor and its
 endpoints module import it, and cryptography with it, when they load: about
 6 MB resident for TLS that most workers never speak. While L{hidden}, those
 modules load as if pyOpenSSL were missing; L{funcnodes_tw.reactor} then
-wraps TLS ports itself, and L{server_from_string} gives the endpoints module
-its TLS names back when a description may need them.
+wraps TLS ports itself, and L{load} gives the endpoints module its TLS names
+back (for C{tls:} descriptions and TLS clients such as C{treq}).
 """
 
 import importlib
@@ -45,21 +45,30 @@ def hidden():
         sys.meta_path.remove(finder)
 
 
-def server_from_string(reactor, description):
+def load():
     """
-    Twisted's C{serverFromString}, with the endpoints module reloaded first
-    when it was loaded without TLS and the description is not a plain port
-    (its C{tls:} parser needs the names it would have imported).
+    Load Twisted's TLS support now: the endpoints module, if it was loaded
+    without it, runs again in place, so its TLS names exist for everyone
+    holding it or its functions (C{wrapClientTLS}, the C{tls:} parser).
     """
     from twisted.internet import endpoints
 
-    kind = description.split(":", 1)[0].strip().lower()
     if (
-        kind not in PLAIN
-        and getattr(endpoints, "TLSMemoryBIOFactory", None) is None
+        getattr(endpoints, "TLSMemoryBIOFactory", None) is None
         and importlib.util.find_spec("OpenSSL") is not None
     ):
-        endpoints = importlib.reload(endpoints)
+        importlib.reload(endpoints)
+
+
+def server_from_string(reactor, description):
+    """
+    Twisted's C{serverFromString}, with TLS support loaded first unless the
+    description is a plain port.
+    """
+    from twisted.internet import endpoints
+
+    if description.split(":", 1)[0].strip().lower() not in PLAIN:
+        load()
     return endpoints.serverFromString(reactor, description)
 
 

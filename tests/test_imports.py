@@ -84,12 +84,17 @@ def test_the_reactor_and_endpoints_load_without_tls_yet_parse_tls_endpoints(tmp_
         "from funcnodes_tw import aio, tls\n"
         "reactor = aio.install_reactor()\n"
         "from twisted.internet import endpoints\n"
+        "from twisted.internet.endpoints import wrapClientTLS\n"
         "assert 'OpenSSL' not in sys.modules, 'the reactor imported TLS support'\n"
         "assert endpoints.TLSMemoryBIOFactory is None\n"
+        "tls.server_from_string(reactor, 'tcp:0')\n"
+        "assert 'OpenSSL' not in sys.modules, 'a plain port loaded TLS support'\n"
         f"tls.server_from_string(reactor, 'tls:{tmp_path}:port=0')\n"
         "assert 'OpenSSL' in sys.modules\n"
-        "from twisted.internet import endpoints\n"
         "assert endpoints.TLSMemoryBIOFactory is not None\n"
+        "from twisted.internet.ssl import optionsForClientTLS\n"
+        "plain = endpoints.TCP4ClientEndpoint(reactor, '127.0.0.1', 1)\n"
+        "wrapClientTLS(optionsForClientTLS('localhost'), plain)  # held from before\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
