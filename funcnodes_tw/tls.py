@@ -6,7 +6,10 @@ endpoints module import it, and cryptography with it, when they load: about
 6 MB resident for TLS that most workers never speak. While L{hidden}, those
 modules load as if pyOpenSSL were missing; L{funcnodes_tw.reactor} then
 wraps TLS ports itself, and L{load} gives the endpoints module its TLS names
-back (for C{tls:} descriptions and TLS clients such as C{treq}).
+back (for C{tls:} descriptions and TLS clients such as C{treq}). What stays
+without TLS: C{startTLS} on plain TCP connections, and Autobahn's transport
+details (C{is_secure}, channel id) on C{wss} connections; the worker uses
+neither.
 """
 
 import importlib
