@@ -264,11 +264,16 @@ _warned = set()
 
 class ProcessExecutorWrapper(ThreadExecutorWrapper):
     """
-    C{separate_process=True}: calls go to the worker's L{ProcessPool}; to the
-    class's thread pool outside a worker or when they cannot be pickled.
+    C{separate_process=True}: calls go to the worker's cluster (L{remotes})
+    or L{ProcessPool}; to the class's thread pool outside a worker or when
+    they cannot be pickled.
     """
 
     def run_in_executor(self, *args, **kwargs):
+        if remotes and "node" not in kwargs:
+            running = remotes[-1].run(self.syncfunc, args, kwargs)
+            if running is not None:
+                return running
         pool = current_pool()
         if pool is not None and "node" not in kwargs:
             try:
@@ -345,6 +350,9 @@ def shutdown_threads():
 
 _services = []
 _pool = None
+#: Services that run calls on other machines (L{funcnodes_tw.cluster}),
+#: before the pool: their C{run} returns an awaitable, or None for the pool.
+remotes = []
 
 
 def current_pool():

@@ -112,6 +112,12 @@ class WorkerService(MultiService):
         self.startup_jobs = defer.succeed(None)
         self._startup_call = None
 
+        if settings.cluster:  # before isolation: stops after the triggers are cancelled
+            from funcnodes_tw.cluster import Cluster
+
+            Cluster(
+                worker, settings.cluster, settings.cluster_fallback, settings.cluster_nodes
+            ).setServiceParent(self)
         isolation.Isolation(worker.nodespace, clock).setServiceParent(self)
         self.triggers = loops.TriggerDrain(worker.nodespace, clock)
         self.triggers.setServiceParent(self)

@@ -1,18 +1,38 @@
 """
-Heavy nodes on a Dask cluster: the settings that point a worker at one.
+Heavy nodes on a Dask cluster (funcnodes_tw.cluster): the settings, and a
+worker (in this process, L{inprocess.Served}) beside real C{dask scheduler}
+and C{dask worker} processes on 127.0.0.1, through each failure: a dask
+worker killed mid-task, no scheduler at start, the scheduler lost mid-run,
+a node removed or the worker stopped mid-task, a large result.
+
+The dask workers import the test nodes from C{tests/cluster_nodes.py}
+(C{PYTHONPATH}). Every wait is bounded; every process is stopped at the end.
 """
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
+import tracemalloc
+from pathlib import Path
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
 from twisted.python import usage
 
-from funcnodes_tw import persistence
+from funcnodes_tw import aio, isolation, persistence
 from funcnodes_tw.tap import Options
+from inprocess import sleep, start  # noqa: F401 (fixture)
+from test_isolation import is_value, value_of
+from workers import WorkerProcess, free_port
 
+distributed = pytest.importorskip("distributed")
+from funcnodes_tw import cluster  # noqa: E402  (needs distributed)
+
+TESTS = Path(__file__).resolve().parent
 PY = sys.executable
 
 
@@ -88,6 +108,373 @@ def test_without_a_cluster_dask_is_never_imported(tmp_path):
     out = subprocess.run([PY, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# endregion
+# region dask processes
+
+
+class Dask:
+    """
+    A C{dask scheduler} and C{dask worker}s on 127.0.0.1, each a process;
+    the workers import the test nodes (and see C{extra_path} first).
+    """
+
+    def __init__(self, tmp_path, extra_path=None):
+        self.base = tmp_path / "dask"
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.scheduler = None
+        self.workers = []
+        path = [str(p) for p in (extra_path, TESTS) if p] + [os.environ.get("PYTHONPATH", "")]
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+        self.count = 0
+
+    def _spawn(self, name, argv, port):
+        self.count += 1
+        name = f"{name}{self.count}"
+        folder = self.base / name
+        folder.mkdir()
+        return WorkerProcess(name, reactor, argv, self.env, port, folder, folder, name, self.base)
+
+    @defer.inlineCallbacks
+    def start_scheduler(self):
+        argv = [PY, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1"]
+        argv += ["--port", str(self.port), "--no-dashboard"]
+        self.scheduler = self._spawn("scheduler", argv, self.port)
+        yield self.scheduler.wait_listening(timeout=60)
+
+    @defer.inlineCallbacks
+    def start_worker(self):
+        port = free_port()
+        name = f"worker{self.count + 1}"
+        argv = [PY, "-m", "distributed.cli.dask_worker", self.address, "--host", "127.0.0.1"]
+        argv += ["--worker-port", str(port), "--nthreads", "1", "--no-nanny", "--no-dashboard"]
+        argv += ["--name", name, "--local-directory", str(self.base / f"{name}-space")]
+        worker = self._spawn("worker", argv, port)
+        self.workers.append(worker)
+        yield worker.wait_listening(timeout=60)
+        return worker
+
+    def worker_address(self, worker):
+        return f"tcp://127.0.0.1:{worker.port}"
+
+    def stop(self):
+        running = [p for p in [*self.workers, self.scheduler] if p is not None]
+        return defer.gatherResults([p.stop() for p in running], consumeErrors=True)
+
+    def output(self):
+        return "\n".join(p.output_tail(15) for p in [self.scheduler, *self.workers] if p)
+
+
+@pytest.fixture
+def dask(tmp_path, monkeypatch):
+    """
+    C{yield dask(workers=1)}: a scheduler and that many workers, all stopped
+    after the test. Retries and timeouts of the cluster service are short.
+    """
+    monkeypatch.setattr(cluster, "RETRY_DELAY", 0.3)
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 2.0)
+    monkeypatch.setattr(cluster, "WATCH_INTERVAL", 0.2)
+    made = []
+
+    @defer.inlineCallbacks
+    def _dask(workers=1, extra_path=None, scheduler=True):
+        processes = Dask(tmp_path, extra_path)
+        made.append(processes)
+        if scheduler:
+            yield processes.start_scheduler()
+        for _ in range(workers):
+            yield processes.start_worker()
+        return processes
+
+    yield _dask
+    for processes in made:
+        pytest_twisted.blockon(processes.stop())
+
+
+@defer.inlineCallbacks
+def wait_until(predicate, timeout=30, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        yield sleep(0.05)
+
+
+@defer.inlineCallbacks
+def connected(served, workers, timeout=60):
+    """
+    The worker's cluster service, once it sees C{workers} dask workers.
+    """
+    service = served.service.getServiceNamed("cluster")
+    yield wait_until(lambda: service.connected, timeout, "a connection to the scheduler")
+    yield aio.as_deferred(asyncio.wait_for(service.client.wait_for_workers(workers), timeout))
+    return service
+
+
+@defer.inlineCallbacks
+def run_node(client, node_id, timeout=60, **inputs):
+    """
+    Add a node and set its inputs; fire with (node id, message index) once set.
+    """
+    nid = (yield client.call("add_node", id=node_id))["id"]
+    start = len(client.transcript)
+    for name, value in inputs.items():
+        yield client.call("set_io_value", nid=nid, ioid=name, value=value)
+    return nid, start
+
+
+def output(client, nid, start=0, timeout=60):
+    return client.wait_for(is_value(nid, "out"), timeout=timeout, start=start).addCallback(
+        value_of
+    )
+
+
+def trigger_error(nid):
+    def match(msg):
+        return (
+            msg.get("type") == "nsevent"
+            and msg.get("event") == "node_trigger_error"
+            and msg["data"].get("node") == nid
+        )
+
+    return match
+
+
+def progress_texts(client, nid):
+    return [
+        m["data"]["info"].get("prefix")
+        for m in client.transcript
+        if m.get("type") == "nsevent"
+        and m.get("event") == "progress"
+        and m["data"].get("node") == nid
+    ]
+
+
+def marked(path):
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+# endregion
+# region running on the cluster
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_separate_process_nodes_run_on_a_dask_worker(start, dask):  # noqa: F811
+    procs = yield dask(workers=1)
+    served = yield start("--cluster", procs.address, name="on")
+    service = yield connected(served, 1)
+    client = yield served.connect()
+    yield client.call("add_shelf", src="cluster_nodes")
+    nid, at = yield run_node(client, "cluster_test.double", x=21)
+    ran = yield output(client, nid, at)
+    (worker,) = procs.workers
+    assert ran == {"pid": worker.pid, "worker": procs.worker_address(worker), "value": 42}
+    assert isolation.current_pool().pids() == []  # nothing ran in the local pool
+    # Its progress said where it went, then went idle.
+    yield client.wait_for(lambda m: progress_texts(client, nid)[-1:] == ["idle"], timeout=10)
+    assert f"queued on dask scheduler {procs.address}" in progress_texts(client, nid)
+    # The versions match: no error was reported.
+    assert (yield aio.as_deferred(service.check_versions())) == []
+    assert not [m for m in client.transcript if m.get("type") == "error_event"]
+    # A node without separate_process still runs in the worker.
+    local, at = yield run_node(client, "cluster_test.local", x=1)
+    assert (yield output(client, local, at))["pid"] == os.getpid()
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_cluster_nodes_patterns_send_other_nodes_there(start, dask):  # noqa: F811
+    procs = yield dask(workers=1)
+    served = yield start(
+        "--cluster", procs.address, name="patterns", config={"cluster_nodes": ["cluster_test.loc*"]}
+    )
+    yield connected(served, 1)
+    client = yield served.connect()
+    yield client.call("add_shelf", src="cluster_nodes")
+    nid, at = yield run_node(client, "cluster_test.local", x=5)
+    ran = yield output(client, nid, at)
+    assert ran == {"pid": procs.workers[0].pid, "worker": procs.worker_address(procs.workers[0]),
+                   "value": 5}
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_a_version_mismatch_is_reported_once_on_connect(start, dask, tmp_path):  # noqa: F811
+    # The dask worker finds a funcnodes-core 9.9.9 before the real one.
+    fake = tmp_path / "fake"
+    info = fake / "funcnodes_core-9.9.9.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: funcnodes-core\nVersion: 9.9.9\n")
+    procs = yield dask(workers=1, extra_path=fake)
+    served = yield start("--cluster", procs.address, name="mismatch")
+    client = yield served.connect()
+    service = served.service.getServiceNamed("cluster")
+    found = yield client.wait_for(lambda m: m.get("type") == "error_event", timeout=60)
+    address = procs.worker_address(procs.workers[0])
+    assert f"{address}: funcnodes-core 9.9.9 (here " in found["error"]
+    assert service.address in found["error"]
+    state = served.service.worker.progress_state
+    assert state["status"] == "error" and "funcnodes-core 9.9.9" in state["message"]
+
+
+# endregion
+# region failures
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_a_killed_dask_worker_reruns_the_task_elsewhere(start, dask, tmp_path):  # noqa: F811
+    procs = yield dask(workers=2)
+    served = yield start("--cluster", procs.address, name="kill")
+    yield connected(served, 2)
+    client = yield served.connect()
+    yield client.call("add_shelf", src="cluster_nodes")
+    marker = tmp_path / "started"
+    nid, at = yield run_node(client, "cluster_test.slow", seconds=2.0, marker=str(marker), x=6)
+    yield wait_until(lambda: marked(marker), 60, "the task's start")
+    (first,) = marked(marker)
+    victim = next(w for w in procs.workers if w.pid == first)
+    survivor = next(w for w in procs.workers if w is not victim)
+    # The node's progress says where it runs, before and after the kill.
+    running = f"running on dask worker {procs.worker_address(victim)}"
+    yield wait_until(lambda: running in progress_texts(client, nid), 10, "the first place")
+    os.kill(victim.pid, 9)
+    ran = yield output(client, nid, at)
+    assert f"running on dask worker {procs.worker_address(survivor)}" in progress_texts(client, nid)
+    assert ran["value"] == 7
+    assert ran["pid"] == survivor.pid and marked(marker) == [first, survivor.pid]
+    assert not [m for m in client.transcript if trigger_error(nid)(m)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fallback", ["error", "local"])
+@pytest_twisted.inlineCallbacks
+def test_no_scheduler_at_start(start, dask, fallback):  # noqa: F811
+    procs = yield dask(workers=0, scheduler=False)
+    served = yield start(
+        "--cluster", procs.address, name=fallback, config={"cluster_fallback": fallback}
+    )
+    client = yield served.connect()  # the worker serves
+    yield client.call("add_shelf", src="cluster_nodes")
+    nid, at = yield run_node(client, "cluster_test.double", x=2)
+    if fallback == "error":
+        failed = yield client.wait_for(trigger_error(nid), timeout=30, start=at)
+        assert f"No connection to the dask scheduler at {procs.address}" in failed["data"]["error"]
+    else:
+        ran = yield output(client, nid, at)
+        assert ran["value"] == 4 and ran["pid"] in isolation.current_pool().pids()
+    # The scheduler comes: the worker connects without a restart.
+    yield procs.start_scheduler()
+    yield procs.start_worker()
+    yield connected(served, 1)
+    at = len(client.transcript)
+    yield client.call("set_io_value", nid=nid, ioid="x", value=3)
+    ran = yield output(client, nid, at)
+    assert ran["value"] == 6 and ran["pid"] == procs.workers[0].pid
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_the_scheduler_lost_mid_run(start, dask, tmp_path):  # noqa: F811
+    procs = yield dask(workers=1)
+    served = yield start("--cluster", procs.address, name="lost")
+    service = yield connected(served, 1)
+    client = yield served.connect()
+    yield client.call("add_shelf", src="cluster_nodes")
+    marker = tmp_path / "started"
+    nid, at = yield run_node(client, "cluster_test.slow", seconds=10.0, marker=str(marker), x=1)
+    yield wait_until(lambda: marked(marker), 60, "the task's start")
+    procs.scheduler._transport.signalProcess("KILL")
+    yield procs.scheduler.when_ended()
+    failed = yield client.wait_for(trigger_error(nid), timeout=20, start=at)
+    assert f"The dask scheduler at {procs.address} was lost" in failed["data"]["error"]
+    assert (yield client.call("uuid")) == served.uuid  # still answering
+    assert not service.connected
+    # A dask worker without a nanny stops with its scheduler (once its thread
+    # is done); both come back, as systemd would restart them, and the next
+    # trigger runs there.
+    yield procs.start_scheduler()
+    yield procs.start_worker()
+    # The client reconnects by itself, or the service makes a new one.
+    yield connected(served, 1)
+    at = len(client.transcript)
+    yield client.call("set_io_value", nid=nid, ioid="seconds", value=0.1)
+    ran = yield output(client, nid, at)
+    assert ran["value"] == 2 and ran["worker"] == procs.worker_address(procs.workers[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["remove_node", "stop"])
+@pytest_twisted.inlineCallbacks
+def test_a_node_removed_or_the_worker_stopped_cancels_the_task(
+    start, dask, tmp_path, how  # noqa: F811
+):
+    procs = yield dask(workers=1)
+    served = yield start("--cluster", procs.address, name=how)
+    yield connected(served, 1)
+    client = yield served.connect()
+    yield client.call("add_shelf", src="cluster_nodes")
+    marker = tmp_path / "started"
+    nid, at = yield run_node(client, "cluster_test.slow", seconds=60.0, marker=str(marker), x=1)
+    yield wait_until(lambda: marked(marker), 60, "the task's start")
+    # A client of the test's own watches the scheduler.
+    watcher = yield aio.as_deferred(
+        distributed.Client(procs.address, asynchronous=True, set_as_default=False)
+    )
+    try:
+        busy = yield aio.as_deferred(watcher.processing())
+        assert any(busy.values()), busy
+        began = time.monotonic()
+        if how == "remove_node":
+            yield client.call("remove_node", id=nid)
+        else:
+            yield served.stop()
+            assert time.monotonic() - began < 10
+        for _ in range(100):
+            busy = yield aio.as_deferred(watcher.processing())
+            if not any(busy.values()):
+                break
+            yield sleep(0.1)
+        assert not any(busy.values()), f"still on the cluster: {busy}"
+    finally:
+        yield aio.as_deferred(watcher.close())
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_a_large_result_comes_once_through_dask(start, dask):  # noqa: F811
+    import cluster_nodes
+
+    procs = yield dask(workers=1)
+    served = yield start("--cluster", procs.address, name="large")
+    service = yield connected(served, 1)
+    size = 100 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        array = yield aio.as_deferred(service.run(cluster_nodes.big, (100,), {}))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert array.shape == (size,) and array[0] == 7 and array[-1] == 9
+    assert int(array.sum()) == 7 * (size - 1) + 9
+    # One copy here while it arrived (and no pickled one beside it).
+    print(f"\npeak traced memory while the result came: {peak / size:.2f}x its size")
+    assert peak < 1.5 * size, f"peak {peak / size:.2f}x the result"
+    # The dask worker dropped its copy.
+    assert not service.client.futures
+    for _ in range(100):
+        stored = yield aio.as_deferred(service.client.has_what())
+        if not any(stored.values()):
+            break
+        yield sleep(0.05)
+    assert not any(stored.values()), stored
 
 
 # endregion

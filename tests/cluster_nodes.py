@@ -1,0 +1,61 @@
+"""Nodes for tests/test_cluster.py: heavy nodes that run on a Dask cluster.
+
+The test's dask workers import this module (they get the tests folder on
+``PYTHONPATH``), so the node functions travel by reference. Each node says
+where it ran: the process and, on a dask worker, that worker's address. Inputs
+have no defaults, so a node runs when the test sets its input.
+"""
+
+import os
+import time
+
+import funcnodes_core as fn
+
+
+def _dask_worker():
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
+
+
+def _ran(value):
+    return {"pid": os.getpid(), "worker": _dask_worker(), "value": value}
+
+
+@fn.NodeDecorator("cluster_test.double", name="Double remotely", separate_process=True)
+def double(x: int) -> dict:
+    return _ran(2 * x)
+
+
+@fn.NodeDecorator("cluster_test.slow", name="Slow remotely", separate_process=True)
+def slow(seconds: float, marker: str, x: int) -> dict:
+    """Append this process's pid to the file C{marker}, then sleep."""
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return _ran(x + 1)
+
+
+@fn.NodeDecorator("cluster_test.local", name="In the worker unless routed")
+def local(x: int) -> dict:
+    return _ran(x)
+
+
+def big(megabytes):
+    """C{megabytes} MiB of 7s ending in a 9, as a numpy array."""
+    import numpy
+
+    array = numpy.full(megabytes * 1024 * 1024, 7, dtype=numpy.uint8)
+    array[-1] = 9
+    return array
+
+
+NODE_SHELF = fn.Shelf(
+    name="cluster tests",
+    description="separate_process nodes for a Dask cluster",
+    nodes=[double, slow, local],
+    subshelves=[],
+)
