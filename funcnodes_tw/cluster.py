@@ -84,6 +84,8 @@ class Cluster(Service):
         self.error = None
         self._task = None
         self._cancelling = set()
+        #: (closure cell, what it held) of the classes routed by patterns.
+        self._routed = []
         if self.patterns:
             worker.nodespace.on("node_added", self._node_added)
 
@@ -135,6 +137,7 @@ class Cluster(Service):
         super().stopService()
         if self in isolation.remotes:
             isolation.remotes.remove(self)
+        self._unroute()
         return aio.as_deferred(self._close())
 
     async def _close(self):
@@ -259,7 +262,17 @@ class Cluster(Service):
     def _match(self, node):
         node_id = getattr(node, "node_id", "")
         if any(fnmatch.fnmatchcase(node_id, pattern) for pattern in self.patterns):
-            send_to_cluster(type(node))
+            changed = send_to_cluster(type(node))
+            if changed is not None:
+                self._routed.append(changed)
+
+    def _unroute(self):
+        """
+        Give the classes routed by C{cluster_nodes} their own wrappers back.
+        """
+        for cell, before in reversed(self._routed):
+            cell.cell_contents = before
+        self._routed.clear()
 
     # endregion
 
@@ -293,28 +306,32 @@ _unroutable = set()
 def send_to_cluster(cls):
     """
     Make a node class made from a function run it like a C{separate_process}
-    node: its call goes to the cluster (or the local pool).
+    node: its call goes to the cluster (or the local pool). Returns the
+    closure cell changed and what it held, to put back; None if unchanged.
 
     funcnodes-core binds the function's async wrapper in the closure of the
     class's C{func} (C{asyncfunc}); that binding is replaced. A class of
-    another shape (a C{Node} subclass with its own C{func}) keeps running in
-    the worker, with a warning.
+    another shape (a C{Node} subclass with its own C{func}), or a function
+    that takes the C{node} itself, keeps running in the worker, with a warning.
     """
     func = getattr(cls, "func", None)
     original = getattr(cls, "o_func", None)
     code = getattr(func, "__code__", None)
     names = code.co_freevars if code is not None else ()
-    if original is None or "asyncfunc" not in names:
+    cells = dict(zip(names, getattr(func, "__closure__", None) or ()))
+    wants_node = "requires_node_input" in cells and cells["requires_node_input"].cell_contents
+    if original is None or "asyncfunc" not in cells or wants_node:
         if cls not in _unroutable:
             _unroutable.add(cls)
             _log.warn(
-                "{node_id} matches cluster_nodes but is not a node made from a function: "
-                "it runs in the worker",
+                "{node_id} matches cluster_nodes but runs in the worker: {why}",
                 node_id=getattr(cls, "node_id", cls.__name__),
+                why="it takes the node itself" if wants_node else "not a node made from a function",
             )
-        return False
-    cell = func.__closure__[names.index("asyncfunc")]
-    if not isinstance(cell.cell_contents, isolation.ProcessExecutorWrapper):
-        cell.cell_contents = isolation.make_run_in_new_process(original)
-    return True
-
+        return None
+    cell = cells["asyncfunc"]
+    if isinstance(cell.cell_contents, isolation.ProcessExecutorWrapper):
+        return None
+    before = cell.cell_contents
+    cell.cell_contents = isolation.make_run_in_new_process(original)
+    return cell, before

@@ -302,6 +302,32 @@ def test_cluster_nodes_patterns_send_other_nodes_there(start, dask):  # noqa: F8
     ran = yield output(client, nid, at)
     assert ran == {"pid": procs.workers[0].pid, "worker": procs.worker_address(procs.workers[0]),
                    "value": 5}
+    # Once the worker stops, the class runs where funcnodes-core said again.
+    import cluster_nodes
+
+    assert cluster.send_to_cluster(cluster_nodes.local) is None  # already routed
+    yield served.stop()
+    node = cluster_nodes.local()
+    node.inputs["x"].value = 3
+    yield aio.as_deferred(node)
+    assert node.outputs["out"].value == {"pid": os.getpid(), "worker": None, "value": 3}
+
+
+def test_nodes_that_cannot_be_routed_stay_in_the_worker():
+    import funcnodes_core as fn
+
+    class Own(fn.Node):
+        node_id = "cluster_test.own"
+
+        async def func(self):
+            return None
+
+    @fn.NodeDecorator("cluster_test.takes_node")
+    def takes_node(x: int, node: fn.Node = None) -> int:
+        return x
+
+    assert cluster.send_to_cluster(Own) is None
+    assert cluster.send_to_cluster(takes_node) is None
 
 
 @pytest.mark.slow
