@@ -14,7 +14,6 @@ import subprocess
 import sys
 import urllib.request
 
-import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
@@ -72,7 +71,6 @@ def _launch(tmp_path):
     return json.loads(lines[0].split(" ", 1)[1])
 
 
-@pytest.mark.slow
 def test_an_idle_worker_imports_none_of_the_deferred_modules(tmp_path):
     imported = _launch(tmp_path)
     assert imported == [], {name: DEFERRED[name] for name in imported}
