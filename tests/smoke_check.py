@@ -168,7 +168,7 @@ class WebSocket:
             self.sock.close()
 
 
-class Worker:
+class Client:
     """
     Commands over one WebSocket, in the shapes of PROTOCOL.md 2.1 and 2.2.
     """
@@ -213,7 +213,9 @@ def check_registration(config_dir, host, port):
     """
     registrations = list((config_dir / "workers").glob("worker_*.json"))
     if len(registrations) != 1:
-        raise SmokeFailure(f"expected one worker json in {config_dir}/workers, found {registrations}")
+        raise SmokeFailure(
+            f"expected one worker json in {config_dir}/workers, found {registrations}"
+        )
     registration = json.loads(registrations[0].read_text())
     uuid = registration.get("uuid")
     if registrations[0].name != f"worker_{uuid}.json":
@@ -283,7 +285,7 @@ def main(argv=None):
         host, port = wait_for_address(args.log, args.launcher_pid, args.wait)
         say(f"the worker listens on {host}:{port}")
         uuid, pid = check_registration(args.config_dir, host, port)
-        worker = Worker(host, port)
+        worker = Client(host, port)
         try:
             answer = worker.call("uuid")
             if answer != uuid:
