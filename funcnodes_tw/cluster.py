@@ -5,7 +5,7 @@ calls sent there.
 With C{--cluster tcp://host:8786} (config key C{cluster}) the calls that
 would go to the local process pool (L{funcnodes_tw.isolation}) are
 submitted to the scheduler through a C{distributed.Client(asynchronous=True)}
-living on the reactor's own asyncio loop: no thread, no blocking call. Only
+living on the reactor's own asyncio loop: no call blocks the reactor. Only
 this module imports C{distributed}, and only a worker with a cluster
 imports this module.
 
@@ -13,7 +13,10 @@ L{Cluster} is the service: it connects when the worker starts without
 holding the start up, retries while the scheduler cannot be reached, and
 builds a new client when the old one gave up reconnecting. While there is
 no scheduler, cluster calls fail with L{ClusterUnavailable} naming the
-address, or run in the local pool with C{cluster_fallback: "local"}.
+address, or run in the local pool with C{cluster_fallback: "local"}. Each
+dask worker's versions of Python, funcnodes-core and the node packages are
+compared with the worker's own when it is first seen; a difference is
+reported to the clients once instead of failing node by node.
 
 A worker lost mid-task is Dask's business: the scheduler reruns the task on
 another worker (C{distributed.scheduler.allowed-failures} times). Dask's
@@ -122,12 +125,11 @@ class Cluster(Service):
                 continue
             self.client, self.error = client, None
             _log.info("Connected to the dask scheduler at {address}", address=self.address)
-            try:
-                await self.check_versions()
-            except Exception:
-                _log.failure("Comparing versions with the cluster failed")
             # The client reconnects by itself for CONNECT_TIMEOUT s, then closes.
+            known = set()
             while client.status not in ("closing", "closed"):
+                if client.status == "running":
+                    known = await self._check_new_workers(client, known)
                 await asyncio.sleep(WATCH_INTERVAL)
             self.client, self.error = None, "the connection was lost"
             _log.warn("Lost the dask scheduler at {address}", address=self.address)
@@ -155,17 +157,32 @@ class Cluster(Service):
     # endregion
     # region versions
 
-    async def check_versions(self):
+    async def _check_new_workers(self, client, known):
+        """
+        Compare the versions of dask workers not seen before; the workers now.
+        """
+        try:
+            workers = set(await client.nthreads())
+            if workers - known:
+                await self.check_versions(workers - known)
+        except Exception:
+            _log.failure("Comparing versions with the cluster failed")
+            return known
+        return workers
+
+    async def check_versions(self, workers=None):
         """
         Compare Python, funcnodes-core and the worker's package dependencies
-        with the cluster's workers; report what differs to clients. Returns
-        the differences.
+        with the cluster's C{workers} (default: all); report what differs to
+        clients. Returns the differences.
         """
         names = ["funcnodes-core", *_dependencies(self.worker.config)]
         versions = await self.client.get_versions(packages=names)
         here = versions["client"]["packages"]
         differences = []
         for address, info in sorted(versions["workers"].items()):
+            if workers is not None and address not in workers:
+                continue
             there = (info or {}).get("packages", {})
             for name in ["python", *names]:
                 mine, theirs = here.get(name), there.get(name)

@@ -120,23 +120,23 @@ class Dask:
     the workers import the test nodes (and see C{extra_path} first).
     """
 
-    def __init__(self, tmp_path, extra_path=None):
+    def __init__(self, tmp_path):
         self.base = tmp_path / "dask"
         self.base.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.scheduler = None
         self.workers = []
-        path = [str(p) for p in (extra_path, TESTS) if p] + [os.environ.get("PYTHONPATH", "")]
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
         self.count = 0
 
-    def _spawn(self, name, argv, port):
+    def _spawn(self, name, argv, port, extra_path=None):
         self.count += 1
         name = f"{name}{self.count}"
         folder = self.base / name
         folder.mkdir()
-        return WorkerProcess(name, reactor, argv, self.env, port, folder, folder, name, self.base)
+        path = [str(p) for p in (extra_path, TESTS) if p] + [os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+        return WorkerProcess(name, reactor, argv, env, port, folder, folder, name, self.base)
 
     @defer.inlineCallbacks
     def start_scheduler(self):
@@ -146,13 +146,13 @@ class Dask:
         yield self.scheduler.wait_listening(timeout=60)
 
     @defer.inlineCallbacks
-    def start_worker(self):
+    def start_worker(self, extra_path=None):
         port = free_port()
         name = f"worker{self.count + 1}"
         argv = [PY, "-m", "distributed.cli.dask_worker", self.address, "--host", "127.0.0.1"]
         argv += ["--worker-port", str(port), "--nthreads", "1", "--no-nanny", "--no-dashboard"]
         argv += ["--name", name, "--local-directory", str(self.base / f"{name}-space")]
-        worker = self._spawn("worker", argv, port)
+        worker = self._spawn("worker", argv, port, extra_path)
         self.workers.append(worker)
         yield worker.wait_listening(timeout=60)
         return worker
@@ -180,8 +180,8 @@ def dask(tmp_path, monkeypatch):
     made = []
 
     @defer.inlineCallbacks
-    def _dask(workers=1, extra_path=None, scheduler=True):
-        processes = Dask(tmp_path, extra_path)
+    def _dask(workers=1, scheduler=True):
+        processes = Dask(tmp_path)
         made.append(processes)
         if scheduler:
             yield processes.start_scheduler()
@@ -332,22 +332,27 @@ def test_nodes_that_cannot_be_routed_stay_in_the_worker():
 
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
-def test_a_version_mismatch_is_reported_once_on_connect(start, dask, tmp_path):  # noqa: F811
+def test_a_version_mismatch_is_reported_once(start, dask, tmp_path):  # noqa: F811
     # The dask worker finds a funcnodes-core 9.9.9 before the real one.
     fake = tmp_path / "fake"
     info = fake / "funcnodes_core-9.9.9.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: funcnodes-core\nVersion: 9.9.9\n")
-    procs = yield dask(workers=1, extra_path=fake)
+    procs = yield dask(workers=1)
     served = yield start("--cluster", procs.address, name="mismatch")
     client = yield served.connect()
-    service = served.service.getServiceNamed("cluster")
+    service = yield connected(served, 1)
+    assert (yield aio.as_deferred(service.check_versions())) == []
+    # A dask worker joins with another version: compared when it is seen.
+    odd = yield procs.start_worker(extra_path=fake)
     found = yield client.wait_for(lambda m: m.get("type") == "error_event", timeout=60)
-    address = procs.worker_address(procs.workers[0])
-    assert f"{address}: funcnodes-core 9.9.9 (here " in found["error"]
+    assert f"{procs.worker_address(odd)}: funcnodes-core 9.9.9 (here " in found["error"]
+    assert procs.worker_address(procs.workers[0]) not in found["error"]
     assert service.address in found["error"]
     state = served.service.worker.progress_state
     assert state["status"] == "error" and "funcnodes-core 9.9.9" in state["message"]
+    yield sleep(3 * cluster.WATCH_INTERVAL)
+    assert len([m for m in client.transcript if m.get("type") == "error_event"]) == 1
 
 
 # endregion
