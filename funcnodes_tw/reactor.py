@@ -10,10 +10,17 @@ from zope.interface import implementer
 
 from funcnodes_tw import tls
 
-with tls.hidden():
+from twisted.internet.interfaces import IReactorSSL
+
+
+def _base():
     from twisted.internet import endpoints  # noqa: F401  (it imports TLS support too)
     from twisted.internet.asyncioreactor import AsyncioSelectorReactor
-from twisted.internet.interfaces import IReactorSSL
+
+    return AsyncioSelectorReactor
+
+
+AsyncioSelectorReactor = tls.without(_base)
 
 
 @implementer(IReactorSSL)

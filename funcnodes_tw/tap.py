@@ -166,12 +166,17 @@ def _saved_config(files):
     return saved if isinstance(saved, dict) else {}
 
 
+def _worker_parts():
+    from funcnodes_tw.resources import make_site
+    from funcnodes_tw.service import Listener, create
+
+    return make_site, Listener, create
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         reactor = aio.install_reactor()
-    with tls.hidden():  # Autobahn imports TLS support too
-        from funcnodes_tw.resources import make_site
-        from funcnodes_tw.service import Listener, create
+    make_site, Listener, create = tls.without(_worker_parts)  # Autobahn imports TLS too
 
     files, worker_settings = options.files, options.settings
     service = create(

@@ -17,6 +17,10 @@ import importlib.util
 import sys
 from contextlib import contextmanager
 
+from twisted.logger import Logger
+
+_log = Logger()
+
 #: Endpoint types that never speak TLS: no need to load it for them.
 PLAIN = frozenset({"tcp", "tcp6", "unix", "systemd", "stdio"})
 
@@ -46,6 +50,27 @@ def hidden():
         yield
     finally:
         sys.meta_path.remove(finder)
+
+
+def without(load):
+    """
+    C{load()} (imports) inside L{hidden}. Should a newer Twisted or Autobahn
+    need pyOpenSSL to import at all, C{load} runs again with it (the failed
+    modules are gone from C{sys.modules}): an upgrade costs memory, never
+    the start.
+    """
+    try:
+        with hidden():
+            return load()
+    except ImportError as exc:
+        if not (exc.name or "").partition(".")[0] == "OpenSSL":
+            raise
+        _log.warn(
+            "TLS support is loaded at start: {error} (a library now needs pyOpenSSL "
+            "on import; the worker uses a few MB more memory)",
+            error=exc,
+        )
+        return load()
 
 
 def load():

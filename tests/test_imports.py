@@ -137,3 +137,34 @@ def test_ssl_port_of_a_real_worker(tmp_path):
         yield worker.stop()
     assert info["ssl"] is True and info["port"] == port
     assert info["uuid"] == worker.uuid
+
+
+def test_a_library_that_needs_pyopenssl_on_import_still_loads(tmp_path):
+    """Should an upgrade make Twisted or Autobahn import pyOpenSSL without a
+    fallback, the hidden load runs again with TLS and warns once: more
+    memory, never a failed start."""
+    (tmp_path / "needs_tls.py").write_text("import OpenSSL.SSL\nLOADED = True\n")
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from twisted.logger import globalLogPublisher\n"
+        "from funcnodes_tw import tls\n"
+        "warnings = []\n"
+        "globalLogPublisher.addObserver(lambda e: warnings.append(e) if e['log_level'].name == 'warn' else None)\n"
+        "def load():\n"
+        "    import needs_tls\n"
+        "    return needs_tls\n"
+        "module = tls.without(load)\n"
+        "assert module.LOADED and 'OpenSSL' in sys.modules\n"
+        "assert len(warnings) == 1, warnings\n"
+        "assert 'needs pyOpenSSL' in warnings[0]['log_format'], warnings[0]\n"
+        "def broken():\n"
+        "    import no_such_module_here\n"
+        "try:\n"
+        "    tls.without(broken)\n"
+        "except ImportError as exc:\n"
+        "    assert exc.name == 'no_such_module_here'\n"
+        "else:\n"
+        "    raise SystemExit('other import errors must pass through')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
