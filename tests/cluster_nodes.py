@@ -8,6 +8,7 @@ have no defaults, so a node runs when the test sets its input.
 
 import os
 import time
+from typing import Any
 
 import funcnodes_core as fn
 
@@ -44,6 +45,16 @@ def local(x: int) -> dict:
     return _ran(x)
 
 
+@fn.NodeDecorator("cluster_test.make_array", name="Make an array", separate_process=True)
+def make_array(megabytes: int) -> Any:
+    return big(megabytes)
+
+
+@fn.NodeDecorator("cluster_test.echo", name="Echo an array", separate_process=True)
+def echo(array: Any) -> Any:
+    return array
+
+
 def big(megabytes):
     """C{megabytes} MiB of 7s ending in a 9, as a numpy array."""
     import numpy
@@ -56,6 +67,6 @@ def big(megabytes):
 NODE_SHELF = fn.Shelf(
     name="cluster tests",
     description="separate_process nodes for a Dask cluster",
-    nodes=[double, slow, local],
+    nodes=[double, slow, local, make_array, echo],
     subshelves=[],
 )
