@@ -20,9 +20,11 @@ start_timeout=${SMOKE_TIMEOUT:-900}
 stop_timeout=20
 work=$(mktemp -d "${TMPDIR:-/tmp}/funcnodes-tw-smoke.XXXXXX")
 started=()
+checking=
 
 cleanup() {
     local pid i
+    [ -z "$checking" ] || kill "$checking" 2>/dev/null || true
     # Each command runs under `timeout`, which leads its own process group.
     for pid in "${started[@]}"; do
         kill -TERM -- "-$pid" 2>/dev/null || true
@@ -37,6 +39,8 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 fail() {
     echo "smoke: FAILED: $*" >&2
@@ -54,19 +58,23 @@ running() {  # not gone and not a zombie waiting for us
 check() {
     local name=$1 accepted=$2
     shift 2
-    local config="$work/$name-config" log="$work/$name.log" pid answer uuid worker status i
+    local config="$work/$name-config" log="$work/$name.log" pid uuid worker status i
     mkdir -p "$config"
     (cd "$work/repo" && exec env -u PYTHONPATH -u VIRTUAL_ENV FUNCNODES_CONFIG_DIR="$config" \
         timeout "$start_timeout" "$@") >"$log" 2>&1 &
     pid=$!
     started+=("$pid")
     echo "smoke: $name: started $* (log: $log)"
-    if ! answer=$(python3 "$checker" --log "$log" --config-dir "$config" \
-            --launcher-pid "$pid" --wait "$start_timeout"); then
+    # In the background: `wait` lets a signal to this script through at once.
+    python3 "$checker" --log "$log" --config-dir "$config" --launcher-pid "$pid" \
+        --wait "$start_timeout" >"$work/$name.answer" &
+    checking=$!
+    if ! wait "$checking"; then
         tail -n 40 "$log" >&2
         fail "$name: the running worker failed its checks"
     fi
-    read -r uuid worker <<<"$answer"
+    checking=
+    read -r uuid worker <"$work/$name.answer"
     echo "smoke: $name: worker $uuid (pid $worker) passed; sending SIGTERM"
     kill -TERM "$worker"
     for i in $(seq $((stop_timeout * 10))); do
