@@ -28,6 +28,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 OPEN_UI = re.compile(r"Open the UI: http://([^/\s:]+|\[[^\]\s]+\]):(\d+)/")
+#: Scripts and style sheets a page loads from its own server.
+ASSET = re.compile(r'(?:src|href)="((?![a-z]+:|//)[^"]+\.(?:js|css))"')
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 TIMEOUT = 15.0
@@ -235,7 +237,8 @@ def check_registration(config_dir, host, port):
 
 def check_ui(host, port):
     """
-    C{GET /} sends a browser to the UI, whose C{index.html} is served.
+    C{GET /} sends a browser to the UI, whose C{index.html} and the scripts
+    and style sheets it loads are served; returns those.
     """
     status, location, _, _ = http_get(host, port, "/")
     if status not in (301, 302, 303, 307, 308) or not location:
@@ -252,6 +255,14 @@ def check_ui(host, port):
         raise SmokeFailure(f"{target.path} answered {status} {content_type!r}")
     if b"<html" not in body.lower():
         raise SmokeFailure(f"{target.path} is no HTML page ({len(body)} bytes)")
+    assets = ASSET.findall(body.decode("utf-8", "replace"))
+    if not assets:
+        raise SmokeFailure(f"{target.path} loads no script or style sheet from the worker")
+    for asset in assets:
+        status, _, _, body = http_get(host, port, urljoin(target.path, asset))
+        if status != 200 or not body:
+            raise SmokeFailure(f"{asset}, which index.html loads, answered {status}")
+    return assets
 
 
 def check_add_node(worker, a, b):
@@ -290,8 +301,8 @@ def main(argv=None):
             answer = worker.call("uuid")
             if answer != uuid:
                 raise SmokeFailure(f"uuid answered {answer!r}, the worker json says {uuid!r}")
-            check_ui(host, port)
-            say("GET / redirects to the UI, whose index.html is served")
+            assets = check_ui(host, port)
+            say(f"GET / redirects to the UI, whose index.html is served, and {', '.join(assets)}")
             a, b = 2 + pid % 97, 0.25 * (1 + time.time_ns() % 13)
             check_add_node(worker, a, b)
             say(f"add_node computes {a} + {b}")
