@@ -11,6 +11,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/funcnodes-tw-floors.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 tests=(tests/test_protocol.py tests/test_write_path.py tests/test_http.py)
 
 # The floors, read from pyproject.toml so that the two cannot drift apart.
