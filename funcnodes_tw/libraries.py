@@ -7,6 +7,7 @@ funcnodes-core's setup collects them (again only when the environment
 changed). Package names (C{funcnodes-basic}) map to module names
 (C{funcnodes_basic}) by swapping dashes for underscores, or, for packages
 named otherwise, through their distribution's entry points.
+A snapshot of the module list ships in C{data/}.
 Nothing here touches the network.
 """
 
@@ -267,6 +268,10 @@ def parse_module_list(text):
     return rows
 
 
+#: The module list as it was when this funcnodes_tw was built
+#: (C{scripts/snapshot_modules.py}): a fresh worker offers it offline.
+SNAPSHOT = Path(__file__).parent / "data" / "funcnodes_modules.csv"
+
 _LISTED = {"key": None, "rows": {}}
 
 
@@ -289,6 +294,14 @@ def read_module_list(path):
             rows = {}
         _LISTED.update(key=key, rows=rows)
     return _LISTED["rows"]
+
+
+def module_list(cache):
+    """
+    The newest module list there is: the downloaded C{cache}, else the
+    shipped snapshot.
+    """
+    return read_module_list(cache) or read_module_list(SNAPSHOT)
 
 
 def available_modules(listed, active_names):

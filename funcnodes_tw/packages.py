@@ -8,11 +8,12 @@ worker. Its output goes to the log line by line as it comes, and to a
 callback that turns lines into progress messages. One pip runs at a time per
 environment: two pips writing one site-packages break it.
 
-The module list (which FuncNodes packages exist) is the reference's CSV,
-cached at C{<config dir>/cache/funcnodes_modules.csv}. Reading it never needs
-the network; downloading a fresh copy happens only when the worker config
-asks for it (C{"refresh_module_list": true}), bounded in time, in the
-background.
+The module list (which FuncNodes packages exist) is the reference's CSV:
+a snapshot ships with funcnodes_tw, and a fresher copy is cached at
+C{<config dir>/cache/funcnodes_modules.csv}. Reading it never needs the
+network; a client asking for the available modules starts a download in
+the background (bounded in time, one at a time, at most every ten minutes),
+unless the settings turn refreshes off (L{funcnodes_tw.settings}).
 
 Worker config keys read here (none can be set by a client):
 
@@ -21,8 +22,6 @@ Worker config keys read here (none can be set by a client):
     pip_timeout          seconds one pip run may take (default 600)
     self_update          apply C{update_on_startup} in the worker itself
                          (default: only when C{env_path} is set)
-    refresh_module_list  download the module list when it is older than an hour
-    module_list_url      where to download it from
 """
 
 import collections
@@ -52,12 +51,9 @@ STOP_GRACE = 30.0
 #: Output lines kept to explain a failure.
 TAIL_LINES = 30
 
-MODULE_LIST_URL = (
-    "https://raw.githubusercontent.com/Linkdlab/funcnodes_repositories/"
-    "refs/heads/main/funcnodes_modules.csv"
-)
 MODULE_LIST_TIMEOUT = 10.0
-MODULE_LIST_MAX_AGE = 3600.0
+#: A cached list younger than this is not downloaded again.
+MODULE_LIST_MAX_AGE = 600.0
 MODULE_LIST_MAX_BYTES = 4 * 1024 * 1024
 #: After a failed download, seconds before the next attempt.
 MODULE_LIST_RETRY = 300.0
@@ -452,15 +448,15 @@ class ModuleListRefresh:
         self.listeners = []
         self.failed_at = None
 
-    def start(self, config, on_success, reactor=None):
+    def start(self, url, on_success, reactor=None):
         """
-        Download the list unless disabled, fresh or already downloading.
+        Download the list from C{url} unless that is None (refreshes are
+        off), the cache is fresh or a download is running already.
 
         C{on_success(text)} is called after the cache file was replaced.
         Returns the running Deferred, or None when nothing was started.
         """
-        config = config or {}
-        if not config.get("refresh_module_list"):
+        if not url:
             return None
         path = module_list_path()
         age = module_list_age(path)
@@ -471,7 +467,6 @@ class ModuleListRefresh:
                 return None
         self.listeners.append(on_success)
         if self.running is None:
-            url = config.get("module_list_url") or MODULE_LIST_URL
             reactor = reactor if reactor is not None else _reactor()
             self.running = defer.Deferred.fromCoroutine(self._download(url, path, reactor))
         return self.running

@@ -86,6 +86,8 @@ class WorkerService(MultiService):
         self.settings = settings = settings or Settings()
         worker.stop = self._stop_alone
         worker.debug = settings.debug
+        if settings.refresh_module_list:
+            worker.module_list_url = settings.module_list_url
         self.log = WorkerLog(worker.files.data, LEVELS[settings.log_level])
         self.store = LargeMessageStore(
             clock, base_url=self._base_url, max_bytes=settings.max_message_store

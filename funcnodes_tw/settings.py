@@ -14,6 +14,11 @@ MiB = 1024 * 1024
 #: The default cap on a client's message: the Autobahn TestSuite's largest
 #: messages (cases 9.x) pass, and one client holds at most this much.
 DEFAULT_INCOMING = 16 * MiB
+#: The public list of FuncNodes modules (the reference's).
+MODULE_LIST_URL = (
+    "https://raw.githubusercontent.com/Linkdlab/funcnodes_repositories/"
+    "refs/heads/main/funcnodes_modules.csv"
+)
 
 
 def _env(name, default):
@@ -66,6 +71,11 @@ class Settings:
     cluster_nodes: Optional[list] = None
     #: Without a scheduler, cluster nodes fail ("error") or run here ("local").
     cluster_fallback: str = "error"
+    #: Download a fresh module list when a client asks for the available
+    #: modules (in the background); off: the cached or shipped list only.
+    refresh_module_list: bool = True
+    #: Where that list is downloaded from (http or https).
+    module_list_url: str = MODULE_LIST_URL
 
     def __post_init__(self):
         if self.max_incoming_size is None:
@@ -92,6 +102,7 @@ _KINDS = {
 LOG_LEVELS = ("debug", "info", "warn", "error")
 CLUSTER_FALLBACKS = ("error", "local")
 _CLUSTER = re.compile(r"(tcp|tls)://[^\s/]+:[0-9]{1,5}")
+_URL = re.compile(r"https?://[^\s/]+(/\S*)?")
 
 #: A token travels unescaped in URLs (C{ws://host/?token=T}, from which the UI
 #: derives C{/?token=T/message/<id>}): C{/} would end it early, C{+} would
@@ -113,6 +124,12 @@ def check_cluster(value):
     return value
 
 
+def check_url(value):
+    if not isinstance(value, str) or not _URL.fullmatch(value):
+        raise ValueError(f"module_list_url must be an http(s) URL, not {value!r}")
+    return value
+
+
 def _checked(name, value):
     kind = _KINDS.get(name)
     if kind is not None:
@@ -131,8 +148,10 @@ def _checked(name, value):
         isinstance(value, list) and all(isinstance(v, str) for v in value)
     ):
         raise ValueError(f"allowed_origins must be a list of origins, not {value!r}")
-    if name == "debug" and not isinstance(value, bool):
-        raise ValueError(f"debug must be true or false, not {value!r}")
+    if name in ("debug", "refresh_module_list") and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+    if name == "module_list_url":
+        return check_url(value)
     if name == "token":
         return check_token(value)
     if name == "cluster":
@@ -156,7 +175,11 @@ def resolve(options, config):
     given) over the worker config's keys (C{max_message_size} etc.).
     """
     values = {}
+    if options.get("no-refresh-module-list"):
+        values["refresh_module_list"] = False
     for name in NAMES:
+        if name in values:
+            continue
         given = options.get(name.replace("_", "-"))
         if given not in (None, [], False):
             values[name] = given

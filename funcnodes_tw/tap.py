@@ -46,6 +46,7 @@ class Options(usage.Options):
         ["debug", "d", "Log debug messages and send tracebacks to clients."],
         ["exit-on-stdin-close", None, "Stop when standard input closes (for a parent process)."],
         ["uvloop", None, "Run on uvloop (funcnodes-tw only; pip install 'funcnodes-tw[uvloop]')."],
+        ["no-refresh-module-list", None, "Never download the module list (offline or private deployments): 'Manage Libraries' offers the cached or shipped list."],
     ]
     optParameters = [
         ["uuid", "u", None, "Worker id; a new one is generated if omitted."],
@@ -67,6 +68,7 @@ class Options(usage.Options):
         ["max-client-queue", None, None, "Bytes a slow client may fall behind before it is disconnected (default 32 MiB).", _positive(int)],
         ["max-message-store", None, None, "Bytes of large messages kept for GET /message/ (default 512 MiB).", _positive(int)],
         ["max-binary-frame", None, None, "Split binary values into chunk=i/n frames of this many bytes (the UI cannot reassemble them).", _positive(int)],
+        ["module-list-url", None, None, "Where 'Manage Libraries' downloads the module list from (default: the public FuncNodes list).", settings.check_url],
         ["cluster", None, None, "A Dask scheduler (tcp://HOST:8786) for the nodes that run in a separate process (pip install 'funcnodes-tw[cluster]').", settings.check_cluster],
     ]
 

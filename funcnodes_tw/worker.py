@@ -79,6 +79,9 @@ class Worker:
         self.uuid = uuid
         self.name = name
         self.debug = debug
+        #: Where C{get_available_modules} refreshes the module list from;
+        #: None: never (the service sets it from the settings).
+        self.module_list_url = None
         self.outlet = outlet or NullOutlet()
         self.host = None
         self.port = None

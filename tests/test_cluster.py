@@ -12,6 +12,7 @@ The dask workers import the test nodes from C{tests/cluster_nodes.py}
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,9 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
 from funcnodes_tw import aio, isolation, persistence
@@ -86,9 +90,11 @@ def test_a_cluster_without_distributed_says_what_to_install(tmp_path, monkeypatc
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "distributed" else real(name, *a)
-    )
+
+    def find_spec(name, *args):
+        return None if name == "distributed" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(usage.UsageError, match=r"pip install 'funcnodes-tw\[cluster\]'"):
         options(tmp_path, monkeypatch, "--cluster", "tcp://127.0.0.1:8786")
     # Without a cluster, distributed is not needed.
@@ -116,56 +122,70 @@ def test_without_a_cluster_dask_is_never_imported(tmp_path):
 
 class Dask:
     """
-    A C{dask scheduler} and C{dask worker}s on 127.0.0.1, each a process;
-    the workers import the test nodes (and see C{extra_path} first).
+    A C{dask scheduler} and C{dask worker}s, each a process, on 127.0.0.1 or
+    in a network namespace (C{netns}, at C{host}); the workers import the
+    test nodes (and see C{extra_path} first).
     """
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, host="127.0.0.1"):
         self.base = tmp_path / "dask"
         self.base.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.address = f"tcp://{host}:{self.port}"
+        self.host = host
         self.scheduler = None
         self.workers = []
         self.count = 0
 
-    def _spawn(self, name, argv, port, extra_path=None):
+    @defer.inlineCallbacks
+    def _start(self, name, argv, port, host, netns=None, extra_path=None, env=None):
         self.count += 1
         name = f"{name}{self.count}"
         folder = self.base / name
         folder.mkdir()
         path = [str(p) for p in (extra_path, TESTS) if p] + [os.environ.get("PYTHONPATH", "")]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
-        return WorkerProcess(name, reactor, argv, env, port, folder, folder, name, self.base)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)), **(env or {}))
+        if netns is not None:
+            argv = [shutil.which("ip"), "netns", "exec", netns, *argv]
+        proc = WorkerProcess(name, reactor, argv, env, port, folder, folder, name, self.base)
+        proc.host = host
+        endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=1)
+        deadline = time.monotonic() + 60
+        while True:
+            if not proc.running or time.monotonic() > deadline:
+                yield proc.stop()
+                raise RuntimeError(f"{name} not listening on {host}:{port}\n{proc.output_tail()}")
+            try:
+                connection = yield endpoint.connect(Factory.forProtocol(Protocol))
+            except (ConnectError, defer.TimeoutError):
+                yield sleep(0.2)
+            else:
+                connection.transport.loseConnection()
+                return proc
 
     @defer.inlineCallbacks
-    def start_scheduler(self):
-        argv = [PY, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1"]
+    def start_scheduler(self, netns=None, env=None):
+        argv = [PY, "-m", "distributed.cli.dask_scheduler", "--host", self.host]
         argv += ["--port", str(self.port), "--no-dashboard"]
-        self.scheduler = self._spawn("scheduler", argv, self.port)
-        yield self.scheduler.wait_listening(timeout=60)
+        self.scheduler = yield self._start("scheduler", argv, self.port, self.host, netns, env=env)
 
     @defer.inlineCallbacks
-    def start_worker(self, extra_path=None):
+    def start_worker(self, extra_path=None, host="127.0.0.1", netns=None):
         port = free_port()
         name = f"worker{self.count + 1}"
-        argv = [PY, "-m", "distributed.cli.dask_worker", self.address, "--host", "127.0.0.1"]
+        argv = [PY, "-m", "distributed.cli.dask_worker", self.address, "--host", host]
         argv += ["--worker-port", str(port), "--nthreads", "1", "--no-nanny", "--no-dashboard"]
         argv += ["--name", name, "--local-directory", str(self.base / f"{name}-space")]
-        worker = self._spawn("worker", argv, port, extra_path)
+        worker = yield self._start("worker", argv, port, host, netns, extra_path)
         self.workers.append(worker)
-        yield worker.wait_listening(timeout=60)
         return worker
 
     def worker_address(self, worker):
-        return f"tcp://127.0.0.1:{worker.port}"
+        return f"tcp://{worker.host}:{worker.port}"
 
     def stop(self):
         running = [p for p in [*self.workers, self.scheduler] if p is not None]
         return defer.gatherResults([p.stop() for p in running], consumeErrors=True)
-
-    def output(self):
-        return "\n".join(p.output_tail(15) for p in [self.scheduler, *self.workers] if p)
 
 
 @pytest.fixture
@@ -506,6 +526,136 @@ def test_a_large_result_comes_once_through_dask(start, dask):  # noqa: F811
             break
         yield sleep(0.05)
     assert not any(stored.values()), stored
+
+
+# endregion
+# region a little network of its own
+
+
+class Network:
+    """
+    Three network namespaces on a bridge of their own (10.213.N.0/24), the
+    root namespace at .1 on the bridge; 20 ms of latency (tc netem) on each
+    namespace's link where the kernel has netem. Everything is removed by
+    L{remove}, also after a failure half-way.
+    """
+
+    NAMES = ("sched", "a", "b")
+
+    def __init__(self):
+        self.tag = f"{os.getpid() % 100000}"
+        self.subnet = f"10.213.{os.getpid() % 250}"
+        self.bridge = f"fnb{self.tag}"
+        self.namespaces = {}
+        self.hosts = {}
+        self.links = {}
+        self.latency = None
+
+    def _ip(self, *args, netns=None):
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        subprocess.run([*prefix, *args], check=True, capture_output=True, text=True, timeout=20)
+
+    def make(self):
+        taken = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+        if self.subnet + "." in taken:
+            pytest.skip(f"{self.subnet}.0/24 is in use here")
+        self._ip("ip", "link", "add", self.bridge, "type", "bridge")
+        self._ip("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+        self._ip("ip", "link", "set", self.bridge, "up")
+        netem = []
+        for i, name in enumerate(self.NAMES):
+            netns, outside, inside = f"fn{self.tag}{name}", f"fnh{self.tag}{i}", f"fnn{self.tag}{i}"
+            self._ip("ip", "netns", "add", netns)
+            self.namespaces[name] = netns
+            self._ip("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+            self.links[name] = outside
+            self._ip("ip", "link", "set", outside, "master", self.bridge)
+            self._ip("ip", "link", "set", outside, "up")
+            self._ip("ip", "link", "set", inside, "netns", netns)
+            host = self.hosts[name] = f"{self.subnet}.{i + 2}"
+            self._ip("ip", "addr", "add", f"{host}/24", "dev", inside, netns=netns)
+            self._ip("ip", "link", "set", inside, "up", netns=netns)
+            self._ip("ip", "link", "set", "lo", "up", netns=netns)
+            try:
+                self._ip("tc", "qdisc", "add", "dev", inside, "root", "netem", "delay", "20ms",
+                         netns=netns)
+            except subprocess.CalledProcessError as exc:
+                netem.append(exc.stderr.strip())
+        self.latency = None if netem else "20ms"
+        return netem
+
+    def cut(self, name):
+        self._ip("ip", "link", "set", self.links[name], "down")
+
+    def remove(self):
+        for netns in self.namespaces.values():
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=20)
+        for link in self.links.values():  # gone with their namespace's peer, normally
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=20)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def network():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("no ip command (iproute2)")
+    net = Network()
+    try:
+        missing = net.make()
+    except subprocess.CalledProcessError as exc:
+        net.remove()
+        pytest.skip(f"cannot make network namespaces here: {exc.stderr.strip() or exc}")
+    if missing:
+        import warnings
+
+        warnings.warn(f"no tc netem in this kernel ({missing[0]}): the links have no latency")
+    yield net
+    net.remove()
+    left = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    assert net.bridge not in left and f"fnh{net.tag}" not in left
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_a_dask_worker_cut_off_mid_task_in_namespaces(
+    start, dask, network, tmp_path, record_property  # noqa: F811 (dask: short timeouts)
+):
+    """
+    The scheduler and two dask workers each in a namespace of their own; the
+    worker here reaches them over the bridge. The link of the dask worker
+    running the node is cut: the scheduler gives up on it after its
+    worker-ttl and the node completes on the other one.
+    """
+    record_property("latency", network.latency or "none (no netem)")
+    procs = Dask(tmp_path, host=network.hosts["sched"])
+    try:
+        yield procs.start_scheduler(
+            netns=network.namespaces["sched"],
+            env={"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "3s"},
+        )
+        for name in ("a", "b"):
+            yield procs.start_worker(host=network.hosts[name], netns=network.namespaces[name])
+        served = yield start("--cluster", procs.address, name="netns")
+        yield connected(served, 2)
+        client = yield served.connect()
+        yield client.call("add_shelf", src="cluster_nodes")
+        marker = tmp_path / "started"
+        nid, at = yield run_node(client, "cluster_test.slow", seconds=3.0, marker=str(marker), x=8)
+        yield wait_until(lambda: marked(marker), 60, "the task's start")
+        (first,) = marked(marker)
+        victim = next(w for w in procs.workers if w.pid == first)
+        survivor = next(w for w in procs.workers if w is not victim)
+        network.cut("a" if victim is procs.workers[0] else "b")
+        began = time.monotonic()
+        ran = yield output(client, nid, at, timeout=90)
+        record_property("seconds_to_finish_after_the_cut", round(time.monotonic() - began, 2))
+        assert ran == {"pid": survivor.pid, "worker": procs.worker_address(survivor), "value": 9}
+        assert marked(marker) == [first, survivor.pid]
+        assert (yield client.call("uuid")) == served.uuid
+    finally:
+        yield procs.stop()
 
 
 # endregion

@@ -760,8 +760,13 @@ async def test_available_modules_from_the_cache_without_network(tmp_path, hermet
     monkeypatch.setattr(treq, "get", no_network)
     worker = new_worker(tmp_path)
     answer = await run(worker, "get_available_modules")
-    assert answer["available"] == []
-    assert {m["name"] for m in answer["installed"]} >= {"funcnodes-basic"}
+    # No cache yet: the shipped snapshot has the catalogue.
+    snapshot = libraries.parse_module_list(libraries.SNAPSHOT.read_text())
+    installed = {m["name"] for m in answer["installed"]}
+    assert installed >= {"funcnodes-basic"}
+    offered = {m["name"] for m in answer["available"]}
+    assert "funcnodes-numpy" in offered | installed
+    assert offered == {row["package_name"] for row in snapshot.values()} - installed
 
     hermetic.parent.mkdir(parents=True)
     hermetic.write_text(MODULE_CSV)
@@ -807,10 +812,11 @@ async def serve(resource):
 async def test_module_list_refresh_is_opt_in_background_and_announced(tmp_path, hermetic):
     port, url = await serve(Data(MODULE_CSV.encode(), "text/csv"))
     try:
-        worker = new_worker(tmp_path, {"refresh_module_list": True, "module_list_url": url})
+        worker = new_worker(tmp_path)
+        worker.module_list_url = url
         answer = await run(worker, "get_available_modules")
-        # Answered at once from what is there; the download runs behind.
-        assert answer["available"] == []
+        # Answered at once from the snapshot; the download runs behind.
+        assert "funcnodes-imaginary" not in {m["name"] for m in answer["available"]}
         running = packages.MODULE_LIST.running
         assert running is not None
         await running
@@ -840,7 +846,8 @@ async def test_module_list_refresh_gives_up_in_time_and_blocks_nothing(
     hanging = Hanging()
     port, url = await serve(hanging)
     try:
-        worker = new_worker(tmp_path, {"refresh_module_list": True, "module_list_url": url})
+        worker = new_worker(tmp_path)
+        worker.module_list_url = url
         started = time.monotonic()
         await run(worker, "get_available_modules")
         running = packages.MODULE_LIST.running
@@ -857,6 +864,103 @@ async def test_module_list_refresh_gives_up_in_time_and_blocks_nothing(
                 request.finish()
         await port.stopListening()
         await deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unchanged_list_is_not_announced_again(tmp_path, hermetic):
+    hermetic.parent.mkdir(parents=True)
+    hermetic.write_text(MODULE_CSV)
+    old = time.time() - packages.MODULE_LIST_MAX_AGE - 1
+    os.utime(hermetic, (old, old))
+    served = Data(MODULE_CSV.encode(), "text/csv")
+    port, url = await serve(served)
+    try:
+        worker = new_worker(tmp_path)
+        worker.module_list_url = url
+        answer = await run(worker, "get_available_modules")
+        assert [m["name"] for m in answer["available"]] == ["funcnodes-imaginary"]
+        await packages.MODULE_LIST.running
+        assert module_list_age(hermetic) < 60, "downloaded and stored again"
+        assert worker.outlet.events("repos_update") == []
+
+        os.utime(hermetic, (old, old))
+        served.data = MODULE_CSV.replace('"0.1.0,0.3.0"', '"0.1.0,0.3.0,0.4.0"').encode()
+        await run(worker, "get_available_modules")
+        await packages.MODULE_LIST.running
+        [event] = worker.outlet.events("repos_update")
+        assert event["data"]["data"]["repos"]["funcnodes-imaginary"]["releases"][-1] == "0.4.0"
+    finally:
+        await port.stopListening()
+
+
+def module_list_age(path):
+    return time.time() - path.stat().st_mtime
+
+
+def settings_from(tmp_path, monkeypatch, *args, config=None):
+    from funcnodes_tw.tap import Options
+
+    monkeypatch.setattr(persistence, "workers_dir", lambda: tmp_path / "workers")
+    if config is not None:
+        write_config(tmp_path, "s", config)
+    parsed = Options()
+    parsed.parseOptions(["--uuid", "s", "--data-path", str(tmp_path / "data"), *args])
+    return parsed.settings
+
+
+def test_module_list_refresh_settings(tmp_path, monkeypatch):
+    from funcnodes_tw.settings import MODULE_LIST_URL
+
+    default = settings_from(tmp_path, monkeypatch)
+    assert (default.refresh_module_list, default.module_list_url) == (True, MODULE_LIST_URL)
+    off = settings_from(tmp_path, monkeypatch, "--no-refresh-module-list",
+                        config={"refresh_module_list": True})
+    assert off.refresh_module_list is False
+    assert settings_from(
+        tmp_path, monkeypatch, config={"refresh_module_list": False}
+    ).refresh_module_list is False
+    mirror = settings_from(tmp_path, monkeypatch, config={"module_list_url": "http://m/l.csv"})
+    assert mirror.module_list_url == "http://m/l.csv"
+    given = settings_from(tmp_path, monkeypatch, "--module-list-url", "https://x/y.csv")
+    assert given.module_list_url == "https://x/y.csv"
+
+    on = create("on", workers_dir=tmp_path / "w", clock=Clock(), settings=default)
+    assert on.worker.module_list_url == MODULE_LIST_URL
+    quiet = create("off", workers_dir=tmp_path / "w", clock=Clock(), settings=off)
+    assert quiet.worker.module_list_url is None
+    for service in (on, quiet):
+        service.log.stop()
+
+
+@pytest.mark.parametrize(
+    "args, config",
+    [((), {"refresh_module_list": "no"}), ((), {"module_list_url": "file:///etc/passwd"}),
+     (("--module-list-url", "ftp://x/y"), None)],
+)
+def test_bad_module_list_settings_are_refused(tmp_path, monkeypatch, args, config):
+    from twisted.python import usage
+
+    with pytest.raises(usage.UsageError, match="refresh_module_list|module_list_url"):
+        settings_from(tmp_path, monkeypatch, *args, config=config)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_starting_worker_downloads_no_module_list(tmp_path, spawns, monkeypatch):
+    import treq
+
+    calls = []
+    monkeypatch.setattr(treq, "get", lambda *a, **kw: calls.append(a))
+    uuid = "quietstart"
+    write_config(tmp_path, uuid, {"update_on_startup": dict(NO_CORE_UPDATES)})
+    started = Started(tmp_path, uuid)
+    assert started.worker.module_list_url is not None, "refreshes are on"
+    try:
+        await started.start(spawns)
+        await started.service.startup_jobs
+        await deferLater(reactor, 0.1, lambda: None)
+        assert calls == [] and packages.MODULE_LIST.running is None
+    finally:
+        await started.stop()
 
 
 def test_module_list_parsing_keeps_the_reference_columns():

@@ -3,8 +3,8 @@ Commands about the node library: shelves, packages, local scripts and UI
 plugins, and the package work of a worker's start.
 
 Packages are installed with pip by L{funcnodes_tw.packages}, off the reactor;
-the module list comes from its cache unless the worker config asks for a
-download.
+the module list comes from its cache or the shipped snapshot, and is
+refreshed in the background when a client asks for it.
 """
 
 import weakref
@@ -163,20 +163,22 @@ def remove_package_dependency(worker, name, dep=None, save=True):
 @command
 def get_available_modules(worker):
     """
-    Installed modules plus the cached module list, at once and offline; with
-    C{"refresh_module_list": true} in the worker config a fresh list is
-    downloaded in the background and announced with C{repos_update}.
+    Installed modules plus the module list (cached, else shipped), at once
+    and offline. The client asking is the moment to refresh the list: it
+    is downloaded in the background (unless the settings say not to), and
+    a list that differs from the one answered is sent with C{repos_update}.
     """
-    listed = libraries.read_module_list(packages.module_list_path())
+    listed = libraries.module_list(packages.module_list_path())
     active = set(worker.package_dependencies)
     active.update(dep["module"] for dep in worker.external.dependencies())
     answer = libraries.available_modules(listed, active)
 
     def announce(text):
-        repos = libraries.repos(libraries.parse_module_list(text))
-        worker.worker_event("repos_update", repos=repos)
+        fresh = libraries.parse_module_list(text)
+        if fresh != listed:
+            worker.worker_event("repos_update", repos=libraries.repos(fresh))
 
-    packages.MODULE_LIST.start(worker.config, announce)
+    packages.MODULE_LIST.start(worker.module_list_url, announce)
     return answer
 
 
