@@ -47,9 +47,13 @@ fail() {
     exit 1
 }
 
+stat_field() {  # PID N: field N of /proc/PID/stat after the command name (1 state, 3 pgid)
+    sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f"$2"
+}
+
 running() {  # not gone and not a zombie waiting for us
     local state
-    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    state=$(stat_field "$1" 1) || return 1
     [ -n "$state" ] && [ "$state" != Z ]
 }
 
@@ -75,6 +79,7 @@ check() {
     fi
     checking=
     read -r uuid worker <"$work/$name.answer"
+    [ "$(stat_field "$worker" 3)" = "$pid" ] || fail "$name: pid $worker was not started here"
     echo "smoke: $name: worker $uuid (pid $worker) passed; sending SIGTERM"
     kill -TERM "$worker"
     for i in $(seq $((stop_timeout * 10))); do
