@@ -23,7 +23,8 @@ def _dask_worker():
 
 
 def _ran(value):
-    return {"pid": os.getpid(), "worker": _dask_worker(), "value": value}
+    # The value first: the UI shows the start of a long preview.
+    return {"value": value, "worker": _dask_worker(), "pid": os.getpid()}
 
 
 @fn.NodeDecorator("cluster_test.double", name="Double remotely", separate_process=True)

@@ -659,3 +659,83 @@ def test_a_dask_worker_cut_off_mid_task_in_namespaces(
 
 
 # endregion
+# region the real UI
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_ui_shows_a_result_computed_on_a_dask_worker(tmp_path):
+    """
+    The real UI on a worker started with --cluster: a heavy node added and
+    set in the page shows the value and the address of the dask worker that
+    computed it.
+    """
+    from test_browser import CHROMIUM, _drive_ui
+    from uidriver import run_in_thread, stop_process, wait_for_port, ws_command
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed")
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, FUNCNODES_CONFIG_DIR=str(tmp_path / "config"))
+    scheduler, dask_worker, port = free_port(), free_port(), free_port()
+    address = f"tcp://127.0.0.1:{scheduler}"
+    commands = {
+        "scheduler": ["distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                      "--port", str(scheduler), "--no-dashboard"],
+        "dask-worker": ["distributed.cli.dask_worker", address, "--host", "127.0.0.1",
+                        "--worker-port", str(dask_worker), "--nthreads", "1", "--no-nanny",
+                        "--no-dashboard", "--local-directory", str(tmp_path / "space")],
+        "worker": ["funcnodes_tw", "--host", "127.0.0.1", "--port", str(port), "--data-path",
+                   str(tmp_path / "data"), "--uuid", "ui-cluster", "--cluster", address],
+    }
+    ports = {"scheduler": scheduler, "dask-worker": dask_worker, "worker": port}
+    procs = []
+    try:
+        for name, argv in commands.items():
+            with open(tmp_path / f"{name}.log", "wb") as out:
+                procs.append(subprocess.Popen([PY, "-m", *argv], env=env, stdout=out,
+                                              stderr=subprocess.STDOUT))
+            wait_for_port(ports[name], procs[-1], timeout=60)
+        log = tmp_path / "worker.log"
+        deadline = time.monotonic() + 60
+        while "Connected to the dask scheduler" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        ws_command(port, "add_shelf", src="cluster_nodes")
+
+        def scenario(ui, expect, url, shot):
+            ui.page.goto(url)
+            ui.open_library()
+            expect(ui.shelf("cluster tests")).to_be_visible()
+            node = ui.add_node("cluster_test.double", "Double remotely")
+            expect(node).to_be_visible()
+            ui.close_library()
+            ui.zoom_out(1.0)
+            ui.move_node(node, 0.4, 0.3)
+            ui.set_input(node, "x", "21")
+            out = ui.output_value(node, "out")
+            # The preview, as the UI shows it: {\"value\":42,\"worker\":\"tcp://...
+            expect(out).to_contain_text('\\"value\\":42,', timeout=30_000)
+            expect(out).to_contain_text(f"tcp://127.0.0.1:{dask_worker}")
+            shot("31-computed-on-a-dask-worker")
+            # A slower one: while it runs, its progress line says where.
+            ui.open_library()
+            slow = ui.add_node("cluster_test.slow", "Slow remotely")
+            ui.close_library()
+            ui.move_node(slow, 0.4, 0.7)
+            ui.set_input(slow, "seconds", "4")
+            ui.paste_input(slow, "marker", str(tmp_path / "started"))
+            ui.set_input(slow, "x", "1")
+            where = slow.get_by_text(f"running on dask worker tcp://127.0.0.1:{dask_worker}")
+            expect(where).to_be_visible(timeout=15_000)
+            shot("32-running-on-a-dask-worker")
+            expect(ui.output_value(slow, "out")).to_contain_text('\\"value\\":2,', timeout=30_000)
+
+        url = f"http://127.0.0.1:{port}/"
+        run_in_thread(_drive_ui, CHROMIUM, url, tmp_path, scenario, timeout=120)
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+
+# endregion
