@@ -33,12 +33,20 @@ SHARED_FRAME_MAX = 64 * 1024
 
 class Hub:
     def __init__(
-        self, max_message_size, large_messages=None, max_binary_frame=None, when_idle=None
+        self,
+        max_message_size,
+        large_messages=None,
+        max_binary_frame=None,
+        when_idle=None,
+        metrics=None,
     ):
         """
         @param when_idle: C{when_idle(function, max_wait)} calls C{function}
             once the reactor has nothing else to do, or after C{max_wait}.
+        @param metrics: a L{funcnodes_tw.metrics.Metrics} counting the
+            messages parked as large ones, or None.
         """
+        self.metrics = metrics
         self.clients = set()
         self._when_idle = when_idle or aio.call_when_idle
         self._releasing = False
@@ -68,6 +76,8 @@ class Hub:
         if self.large_messages is None or len(payload) * SIZE_MARGIN <= self.max_message_size:
             return bytes(payload)  # a L{wire.Encoded} small enough is joined
         msgid = self.large_messages.put(payload)
+        if self.metrics is not None:
+            self.metrics.parked(len(payload))
         return wire.dumps(wire.large_message(self.large_messages.url(msgid), msgid))
 
     def send(self, client, message, hold=False):

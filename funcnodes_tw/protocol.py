@@ -31,6 +31,8 @@ PREPARED = "prepared"
 MAX_WAITING_COMMANDS = 1000
 #: Bytes of frames held back during one read before they are sent anyway.
 CORK_LIMIT = 64 * 1024
+#: The first byte of a final binary frame.
+BINARY_FIN = 0x82
 #: Close code for a client that fell too far behind (application range).
 CLOSE_TOO_SLOW = 4008
 #: Client frames shorter than this are unmasked in Python (L{unmask}).
@@ -193,6 +195,12 @@ class WorkerProtocol(WebSocketServerProtocol):
         outbox = getattr(self, "outbox", None)
         if outbox is not None:
             outbox.stopProducing()
+        if self.factory.metrics is not None:
+            if self.closedByMe and self.localCloseCode:
+                self.factory.metrics.closed(self.localCloseCode)
+            elif self.droppedByMe and not wasClean:
+                ping = (self.wasNotCleanReason or "").startswith("WebSocket ping timeout")
+                self.factory.metrics.closed("ping_timeout" if ping else "dropped")
 
     def send_text(self, payload, hold=False):
         """
@@ -229,8 +237,12 @@ class WorkerProtocol(WebSocketServerProtocol):
         """
         if self.state != self.STATE_OPEN:
             return
+        metrics = self.factory.metrics
         if kind is PREPARED:
             self.sendPreparedMessage(item)
+            if metrics is not None:
+                frame = item.payloadHybi
+                metrics.sent_frame(frame[0] == BINARY_FIN, len(frame))
         else:
             # Framed here, not by sendMessage: no compression is negotiated,
             # and its checks cost more than a small reply. Nor does its cap,
@@ -242,6 +254,8 @@ class WorkerProtocol(WebSocketServerProtocol):
                 head, payload = frame_header(len(item), True) + item.head, item.payload
             else:
                 head, payload = frame_header(len(item), False), item
+            if metrics is not None:
+                metrics.sent_frame(kind, len(head) + len(payload))
             if len(payload) < SCATTER_MIN or not self._fast or self.send_queue:
                 self.sendData(head + payload)
             else:
@@ -496,6 +510,7 @@ def make_factory(
     origins,
     max_client_queue,
     max_connections=None,
+    metrics=None,
 ):
     factory = WebSocketServerFactory(server=f"funcnodes_tw/{__version__}")
     factory.protocol = WorkerProtocol
@@ -505,4 +520,5 @@ def make_factory(
     factory.origins = origins
     factory.max_client_queue = max_client_queue
     factory.max_connections = max_connections
+    factory.metrics = metrics
     return factory

@@ -258,6 +258,67 @@ class WorkerInfo(resource.Resource):
         return _text(request, 200, json.dumps(info), b"application/json")
 
 
+class Metrics(resource.Resource):
+    """
+    C{GET /metrics}: the Prometheus exposition of the worker's metrics.
+    """
+
+    isLeaf = True
+
+    def __init__(self, exposition):
+        super().__init__()
+        self.exposition = exposition
+
+    def render_GET(self, request):
+        body, content_type = self.exposition.render()
+        return _text(request, 200, body, content_type.encode("ascii"))
+
+
+class Health(resource.Resource):
+    """
+    C{GET /health}: 200 while the worker runs and its reactor turns, else
+    503; for load balancers and C{curl}, so it needs no token.
+    """
+
+    isLeaf = True
+
+    def __init__(self, health):
+        super().__init__()
+        self.health = health
+
+    def render_GET(self, request):
+        healthy, body = self.health()
+        request.setHeader(b"cache-control", b"no-store")
+        return _text(request, 200 if healthy else 503, json.dumps(body), b"application/json")
+
+
+class _Beside(resource.Resource):
+    """
+    A few open children beside a tree (which may be token-guarded).
+    """
+
+    def __init__(self, tree, children):
+        super().__init__()
+        self.tree = tree
+        self.open = children
+
+    def getChildWithDefault(self, path, request):
+        child = self.open.get(path)
+        if child is not None:
+            return child
+        return self.tree.getChildWithDefault(path, request)
+
+    def render(self, request):
+        return self.tree.render(request)
+
+    @property
+    def admits_body(self):
+        """
+        The tree's guard decides which bodies are stored (L{LimitedRequest}).
+        """
+        return getattr(self.tree, "admits_body", None)
+
+
 def ui_directory():
     """
     The installed funcnodes-react-flow UI, or None.
@@ -437,17 +498,27 @@ def make_site(resource, max_body=None, upload_folder=None):
     return site
 
 
-def make_root(worker, factory, store, dispatcher, origins, token=None):
+def make_root(
+    worker, factory, store, dispatcher, origins, token=None, health=None, exposition=None
+):
     """
-    The worker's resource tree; with a C{token}, every request must carry it.
+    The worker's resource tree; with a C{token}, every request must carry
+    it, except C{/health}.
+
+    @param health: what L{Health} answers (None: no C{/health}).
+    @param exposition: a L{funcnodes_tw.metrics.Exposition} for C{/metrics}.
     """
     ui = ui_directory()
     root = resource.Resource()
+    if exposition is not None:
+        root.putChild(b"metrics", Metrics(exposition))
     root.putChild(b"", Front(WebSocketResource(factory), ui, root))
     root.putChild(b"message", Cors(Message(store, dispatcher), origins))
     root.putChild(b"worker", WorkerInfo(worker))
     root.putChild(b"upload", Cors(Upload(worker), origins, b"POST, OPTIONS"))
     if ui is not None:
         root.putChild(b"static", ui_resource(ui))
-    return TokenGuard(root, token, worker.uuid) if token else root
+    if token:
+        root = TokenGuard(root, token, worker.uuid)
+    return root if health is None else _Beside(root, {b"health": Health(health)})
 

@@ -5,6 +5,8 @@ Used by the WebSocket protocol and by C{POST /message/} (which has no
 connection, so its replies are broadcast, as the reference does).
 """
 
+from time import perf_counter
+
 from twisted.logger import Logger
 
 from funcnodes_tw import commands, wire
@@ -17,15 +19,18 @@ class CommandTimeout(Exception):
 
 
 class Dispatcher:
-    def __init__(self, worker, hub, timeout=None):
+    def __init__(self, worker, hub, timeout=None, metrics=None):
         """
         @param timeout: seconds after which a command that has not finished
             gets an error reply (and is cancelled), so that one runaway
             command cannot block its connection for good.
+        @param metrics: a L{funcnodes_tw.metrics.Metrics} that counts and
+            times the commands, or None.
         """
         self.worker = worker
         self.hub = hub
         self.timeout = timeout
+        self.metrics = metrics
 
     def parse(self, client, payload):
         """
@@ -53,31 +58,39 @@ class Dispatcher:
         Run one command message; the Deferred fires once the reply is sent.
         """
         msgid = message.get("id")
+        name = message.get("cmd")
+        started = None if self.metrics is None else perf_counter()
         if "cmd" not in message:
-            self._error(client, wire.MessageError("A command message needs 'cmd'"), msgid)
+            error = wire.MessageError("A command message needs 'cmd'")
+            self._error(client, error, msgid, name, started)
             return None
         try:
-            d = commands.run(self.worker, message["cmd"], message.get("kwargs"))
+            d = commands.run(self.worker, name, message.get("kwargs"))
         except Exception as exc:
-            self._error(client, exc, msgid)
+            self._error(client, exc, msgid, name, started)
             return None
         if self.timeout and not d.called:
-            d.addTimeout(self.timeout, self.worker.clock, _timed_out(message["cmd"], self.timeout))
-        d.addCallback(self._reply, client, msgid, message.get("as_bytes"))
-        d.addErrback(lambda failure: self._error(client, failure.value, msgid))
+            d.addTimeout(self.timeout, self.worker.clock, _timed_out(name, self.timeout))
+        d.addCallback(self._reply, client, msgid, message.get("as_bytes"), name, started)
+        d.addErrback(lambda failure: self._error(client, failure.value, msgid, name, started))
         return d
 
-    def _reply(self, result, client, msgid, as_bytes):
+    def _reply(self, result, client, msgid, as_bytes, name=None, started=None):
         if as_bytes:
             mime, payload = wire.encode_value(result, preview=False)
             header = {"id": msgid, "mime": mime, "type": "result"}
             self.hub.send_binary(client, payload, header)
         else:
             self.hub.send(client, wire.result(result, msgid))
+        if started is not None:
+            self.metrics.command(name, "ok", started)
 
-    def _error(self, client, exc, msgid):
+    def _error(self, client, exc, msgid, name=None, started=None):
         _log.info("Command {id!r} failed: {error!r}", id=msgid, error=exc)
         self.hub.send(client, wire.error(exc, msgid, self.worker.debug))
+        if started is not None:
+            outcome = "timeout" if isinstance(exc, CommandTimeout) else "error"
+            self.metrics.command(name, outcome, started)
 
 
 def _timed_out(name, timeout):

@@ -8,6 +8,8 @@ The service tree of one worker.
       ├─ save              writes state within 1 s of a change
       ├─ messages          expires parked large messages
       ├─ heartbeat         optional: stop when clients stop sending heartbeats
+      ├─ reactor-watch     reactor lag and stalls (a thread; real reactors only)
+      ├─ watchdog          systemd's WATCHDOG=1, when systemd asks for it
       └─ external_workers  external worker instances, each looping (external.py)
 
 A host application builds one with L{create}, mounts its C{resource} under
@@ -21,18 +23,21 @@ import sys
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from funcnodes_tw import corefixes, isolation, libraries, loops, packages, persistence, systemd, tls
 from funcnodes_tw.access import OriginPolicy
-from funcnodes_tw.commands import library
+from funcnodes_tw.commands import COMMANDS, library
 from funcnodes_tw.hub import Hub
 from funcnodes_tw.logs import LEVELS, WorkerLog
 from funcnodes_tw.messages import LargeMessageStore
+from funcnodes_tw.metrics import Collector, Exposition, Metrics
 from funcnodes_tw.protocol import make_factory, protocol_options
 from funcnodes_tw.resources import make_root
 from funcnodes_tw.rpc import Dispatcher
 from funcnodes_tw.settings import Settings
+from funcnodes_tw.watch import ReactorWatch
 from funcnodes_tw.worker import Worker
 
 _log = Logger()
@@ -78,7 +83,7 @@ def claim_process_file(path):
 
 
 class WorkerService(MultiService):
-    def __init__(self, worker, clock, settings=None):
+    def __init__(self, worker, clock, settings=None, registry=None):
         super().__init__()
         self.setName("funcnodes-worker")
         self.worker = worker
@@ -92,9 +97,12 @@ class WorkerService(MultiService):
         self.store = LargeMessageStore(
             clock, base_url=self._base_url, max_bytes=settings.max_message_store
         )
-        self.hub = Hub(settings.max_message_size, self.store, settings.max_binary_frame)
+        self.metrics = worker.metrics = Metrics(COMMANDS) if settings.metrics else None
+        self.hub = Hub(
+            settings.max_message_size, self.store, settings.max_binary_frame, metrics=self.metrics
+        )
         worker.outlet = self.hub
-        self.dispatcher = Dispatcher(worker, self.hub, settings.command_timeout)
+        self.dispatcher = Dispatcher(worker, self.hub, settings.command_timeout, self.metrics)
         self.origins = OriginPolicy(settings.allowed_origins)
         self.factory = make_factory(
             self.hub,
@@ -105,10 +113,26 @@ class WorkerService(MultiService):
             self.origins,
             settings.max_client_queue,
             settings.max_connections,
+            self.metrics,
         )
+        self.watch = None
+        if IReactorThreads.providedBy(clock):  # a real reactor, not a test's Clock
+            self.watch = ReactorWatch(clock, settings.stall_threshold)
+            self.watch.setServiceParent(self)
+        self.exposition = None
+        if self.metrics is not None:
+            self.metrics.watch = self.watch
+            labels = {"worker": worker.uuid} if registry is not None else None
+            collector = Collector(self.metrics, self._gauges, labels)
+            self.exposition = Exposition(collector, registry)
+        self.started_at = clock.seconds()
         self.resource = make_root(
-            worker, self.factory, self.store, self.dispatcher, self.origins, settings.token
+            worker, self.factory, self.store, self.dispatcher, self.origins, settings.token,
+            health=self.health, exposition=self.exposition,
         )
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            systemd.watchdog(interval, clock).setServiceParent(self)
         #: Packages to pip-install once the port listens, and that work.
         self.missing_packages = []
         self.startup_jobs = defer.succeed(None)
@@ -139,6 +163,29 @@ class WorkerService(MultiService):
                 clock,
             ).setServiceParent(self)
         worker.external.setServiceParent(self)
+
+    def _gauges(self):
+        clients = self.hub.clients
+        return {
+            "clients": len(clients),
+            "largest_queue": max((client.outbox.size for client in clients), default=0),
+            "parked_bytes": self.store.size,
+        }
+
+    def health(self):
+        """
+        C{(healthy, body)} for C{GET /health}: healthy while running with a
+        reactor that turns in time. Nothing in it is secret.
+        """
+        state = self.worker.runstate
+        if state == "running" and self.watch is not None and self.watch.stalled():
+            state = "stalled"
+        body = {
+            "status": state,
+            "uptime": round(self.clock.seconds() - self.started_at, 3),
+            "clients": len(self.hub.clients),
+        }
+        return state == "running", body
 
     def _stop_alone(self):
         """
@@ -265,7 +312,16 @@ class WorkerService(MultiService):
             self.log.stop()
 
 
-def create(uuid, data_path=None, name=None, clock=None, workers_dir=None, settings=None, **values):
+def create(
+    uuid,
+    data_path=None,
+    name=None,
+    clock=None,
+    workers_dir=None,
+    settings=None,
+    registry=None,
+    **values,
+):
     """
     A worker service for an existing Twisted application.
 
@@ -275,14 +331,16 @@ def create(uuid, data_path=None, name=None, clock=None, workers_dir=None, settin
 
     The registration files go to C{workers_dir} (default: the FuncNodes
     config's C{workers/}); C{settings} is a L{Settings}, or its fields are
-    given as keyword arguments.
+    given as keyword arguments. A C{prometheus_client} C{registry} of the
+    host gets the worker's metrics (labelled C{worker=<uuid>}); without
+    one, C{GET /metrics} serves a registry of their own.
     """
     if clock is None:
         from twisted.internet import reactor as clock
     corefixes.apply()
     files = persistence.WorkerFiles(uuid, data_path, workers_dir)
     worker = Worker(files, uuid, name=name, clock=clock)
-    return WorkerService(worker, clock, settings or Settings(**values))
+    return WorkerService(worker, clock, settings or Settings(**values), registry)
 
 
 def _read_config(path):

@@ -77,6 +77,14 @@ class Settings:
     #: Where that list is downloaded from (http or https).
     module_list_url: str = MODULE_LIST_URL
 
+    #: Serve C{GET /metrics} and count for it (off: no counting at all).
+    metrics: bool = True
+    #: Seconds the reactor may stand still before a stall is logged (and
+    #: C{/health} answers 503).
+    stall_threshold: float = 1.0
+    #: The log's format: readable C{text}, or C{json} (one object a line).
+    log_format: str = "text"
+
     def __post_init__(self):
         if self.max_incoming_size is None:
             self.max_incoming_size = max(DEFAULT_INCOMING, self.max_message_size)
@@ -98,8 +106,10 @@ _KINDS = {
     "ping_interval": float,
     "ping_timeout": float,
     "required_heartbeat": float,
+    "stall_threshold": float,
 }
 LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
 CLUSTER_FALLBACKS = ("error", "local")
 _CLUSTER = re.compile(r"(tcp|tls)://[^\s/]+:[0-9]{1,5}")
 _URL = re.compile(r"https?://[^\s/]+(/\S*)?")
@@ -162,6 +172,10 @@ def _checked(name, value):
         raise ValueError(f"cluster_nodes must be a list of node id patterns, not {value!r}")
     if name == "cluster_fallback" and value not in CLUSTER_FALLBACKS:
         raise ValueError(f"cluster_fallback must be one of {', '.join(CLUSTER_FALLBACKS)}")
+    if name == "metrics" and not isinstance(value, bool):
+        raise ValueError(f"metrics must be true or false, not {value!r}")
+    if name == "log_format" and value not in LOG_FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
     if name == "log_level" and not isinstance(value, str):
         raise ValueError(f"{name} must be a string, not {value!r}")
     if name == "log_level" and value not in LOG_LEVELS:
@@ -177,6 +191,8 @@ def resolve(options, config):
     values = {}
     if options.get("no-refresh-module-list"):
         values["refresh_module_list"] = False
+    if options.get("no-metrics"):
+        values["metrics"] = False
     for name in NAMES:
         if name in values:
             continue

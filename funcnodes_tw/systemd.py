@@ -6,6 +6,7 @@ noticing a parent that went away.
 import os
 
 import sdnotify
+from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet import protocol, stdio
 from twisted.logger import Logger
@@ -19,6 +20,33 @@ def notify(state):
     """
     if os.environ.get("NOTIFY_SOCKET"):
         sdnotify.SystemdNotifier().notify(state)
+
+
+def watchdog_interval(environ=os.environ):
+    """
+    Seconds between C{WATCHDOG=1} pings systemd asks for (half its
+    C{WatchdogSec=}), or None when it asks none of this process.
+    """
+    usec, pid = environ.get("WATCHDOG_USEC"), environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        usec = int(usec)
+    except ValueError:
+        _log.warn("Ignoring WATCHDOG_USEC={usec!r}: not a number", usec=usec)
+        return None
+    return usec / 2e6 if usec > 0 else None
+
+
+def watchdog(interval, clock):
+    """
+    Ping systemd's watchdog from the reactor: a reactor that stops turning
+    stops the pings, and systemd restarts the worker.
+    """
+    service = TimerService(interval, notify, "WATCHDOG=1")
+    service.clock = clock
+    service.setName("watchdog")
+    return service
 
 
 class _Watch(protocol.Protocol):

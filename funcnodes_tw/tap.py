@@ -46,6 +46,7 @@ class Options(usage.Options):
         ["debug", "d", "Log debug messages and send tracebacks to clients."],
         ["exit-on-stdin-close", None, "Stop when standard input closes (for a parent process)."],
         ["uvloop", None, "Run on uvloop (funcnodes-tw only; pip install 'funcnodes-tw[uvloop]')."],
+        ["no-metrics", None, "Serve no GET /metrics and count nothing for it."],
         ["no-refresh-module-list", None, "Never download the module list (offline or private deployments): 'Manage Libraries' offers the cached or shipped list."],
     ]
     optParameters = [
@@ -56,6 +57,8 @@ class Options(usage.Options):
         ["port", "p", None, "TCP port (default: the worker's last port, else the first free from 9382).", int],
         ["listen", "l", None, "A Twisted server endpoint string; overrides --host/--port."],
         ["log-level", None, None, "debug, info (default), warn or error."],
+        ["log-format", None, None, "text (default) or json: one JSON object per log event (Twisted's JSON log format)."],
+        ["stall-threshold", None, None, "Seconds the reactor may stand still before a warning names the running node (default 1).", _positive(float)],
         ["token", None, None, "A secret every request must carry (?token= in the worker URL, or Authorization: Bearer); letters, digits, '.', '_', '~', '-'.", settings.check_token],
         ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
         ["command-timeout", None, None, "Seconds after which an unfinished command gets an error reply.", _positive(float)],
@@ -89,6 +92,10 @@ class Options(usage.Options):
             )
         if self["log-level"] is not None and self["log-level"] not in LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(LEVELS)}")
+        if self["log-format"] is not None and self["log-format"] not in settings.LOG_FORMATS:
+            raise usage.UsageError(
+                f"--log-format must be one of {', '.join(settings.LOG_FORMATS)}"
+            )
         if self["uuid"] is None:
             self["uuid"] = new_uuid(self["name"])
         elif not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", self["uuid"]):

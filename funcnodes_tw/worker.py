@@ -7,6 +7,7 @@ is due, and is what the RPC commands in L{funcnodes_tw.commands} act on.
 """
 
 import os
+from time import perf_counter
 from uuid import uuid4
 
 import funcnodes_core as fn
@@ -16,6 +17,7 @@ from funcnodes_core.utils import saving
 from twisted.internet.defer import DeferredLock
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from funcnodes_tw import aio, persistence, wire
 from funcnodes_tw.external import ExternalWorkers
@@ -45,6 +47,9 @@ SUPPRESSED = frozenset(
 DRAIN_EVENTS = frozenset(
     {"after_request_trigger", "after_set_value", "triggerdone", "node_trigger_error"}
 )
+
+#: Node events the metrics count (L{funcnodes_tw.metrics.Metrics.node_event}).
+TRIGGER_EVENTS = frozenset({"triggerstart", "triggerfast", "triggerdone", "node_trigger_error"})
 
 #: Parts of a saved WorkerState that must be objects when present.
 STATE_OBJECTS = ("backend", "meta", "view")
@@ -100,6 +105,8 @@ class Worker:
         self.on_node_event = lambda nid: None
         #: Called when a save is requested (the saver starts its timer).
         self.on_save_request = lambda: None
+        #: A L{funcnodes_tw.metrics.Metrics} counting triggers and saves, or None.
+        self.metrics = None
         self.stop = lambda: None
         self._later = []
         self._library = None
@@ -156,6 +163,8 @@ class Worker:
     def _on_nodespace_event(self, event, src=None, **data):
         if event in DRAIN_EVENTS:
             self.on_node_event(data.get("node"))
+        if event in TRIGGER_EVENTS and self.metrics is not None:
+            self.metrics.node_event(event, data.get("node"))
         if event in SUPPRESSED:
             return
         if event == "after_set_value":
@@ -233,12 +242,19 @@ class Worker:
         the first success after it as a C{success} one.
         """
         self.save_requested = False
+        started = perf_counter()
         payload = wire.dumps(self.save_state() if state is None else state)
         config = self.worker_json()
         self.config = config
         d = self._save_lock.run(deferToThread, _write_saved, self.files, payload, config)
         d.addCallbacks(self._saved, self._save_failed)
+        if self.metrics is not None:
+            d.addBoth(self._count_save, started)
         return d
+
+    def _count_save(self, result, started):
+        self.metrics.saved(started, isinstance(result, Failure))
+        return result
 
     def _saved(self, result):
         if self.save_error is not None:

@@ -30,6 +30,7 @@ DEFERRED = {
     "funcnodes_react_flow.run": "the UI package's development server",
     "funcnodes_worker": "the UI package's development server",
     "aiohttp": "the UI package's development server and setup hook",
+    "prometheus_client": "metrics: first GET /metrics",
 }
 
 #: The launcher's own startup in a fresh process, until one second after
