@@ -224,10 +224,10 @@ class Cluster(Service):
     async def _call(self, client, function, args, kwargs, node):
         # apply() keeps the node's inputs apart from submit's own keywords.
         future = client.submit(apply, function, list(args), kwargs, pure=False)
-        progress = None
+        progress = where = None
         if node is not None:
             progress = node.progress(total=None, desc=f"queued on dask scheduler {self.address}")
-        where = aio.event_loop().create_task(self._report_where(client, future, progress))
+            where = aio.event_loop().create_task(self._report_where(client, future, progress))
         try:
             result = await future
         except distributed.client.FutureCancelledError as exc:
@@ -241,8 +241,8 @@ class Cluster(Service):
             cancelling.add_done_callback(self._cancelling.discard)
             raise
         finally:
-            where.cancel()
-            if progress is not None:
+            if where is not None:
+                where.cancel()
                 progress.close()
         # The dask worker drops its copy of the result now, not when this
         # future is collected.
@@ -251,10 +251,15 @@ class Cluster(Service):
 
     async def _report_where(self, client, future, progress):
         """
-        Tell the node's progress which dask worker runs it (again after a rerun).
+        Tell the node's progress which dask worker runs it (again after a
+        rerun). The first look is after WHERE_INTERVAL: a short call costs
+        the scheduler no extra request.
         """
         shown = None
-        while not future.done():
+        while True:
+            await asyncio.sleep(WHERE_INTERVAL)
+            if future.done():
+                return
             try:
                 processing = await client.processing()
             except Exception:
@@ -262,10 +267,7 @@ class Cluster(Service):
             for address, keys in processing.items():
                 if future.key in keys and address != shown:
                     shown = address
-                    _log.debug("{key} runs on {address}", key=future.key, address=address)
-                    if progress is not None:
-                        progress.set_description_str(f"running on dask worker {address}")
-            await asyncio.sleep(WHERE_INTERVAL)
+                    progress.set_description_str(f"running on dask worker {address}")
 
     # endregion
     # region cluster_nodes
