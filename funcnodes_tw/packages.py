@@ -5,8 +5,10 @@ pip runs as a child process of the reactor (C{spawnProcess}), never in the
 reactor's thread, in the worker's environment: C{<env_path>/bin/python -m pip}
 when the worker config names a virtualenv, else the interpreter running the
 worker. Its output goes to the log line by line as it comes, and to a
-callback that turns lines into progress messages. One pip runs at a time per
-environment: two pips writing one site-packages break it.
+callback that turns lines into progress messages (L{funcnodes_tw.pipsteps});
+installs ask for pip's machine-readable byte progress, and run without it
+where pip is too old to have it. One pip runs at a time per environment: two
+pips writing one site-packages break it.
 
 The module list (which FuncNodes packages exist) is the reference's CSV:
 a snapshot ships with funcnodes_tw, and a fresher copy is cached at
@@ -41,7 +43,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from funcnodes_tw import tls
+from funcnodes_tw import pipsteps, tls
 
 _log = Logger()
 
@@ -63,7 +65,10 @@ _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 
 class InstallError(Exception):
-    pass
+    def __init__(self, message, lines=()):
+        super().__init__(message)
+        #: The last output lines of the pip run that failed, if any.
+        self.lines = list(lines)
 
 
 # region names and versions
@@ -159,10 +164,12 @@ def _child_environment():
     return env
 
 
+#: Byte progress as C{Progress CURRENT of TOTAL} lines (pip >= 24.1).
+RAW_PROGRESS = ("--progress-bar", "raw")
+
+
 def _failure_text(code, lines):
-    errors = [line for line in lines if line.startswith("ERROR:")]
-    detail = " ".join(errors or list(lines)[-1:])
-    return f"pip failed ({code}): {detail}" if detail else f"pip failed ({code})"
+    return pipsteps.failure(lines) or f"pip failed ({code})"
 
 
 class PipProtocol(ProcessProtocol):
@@ -214,7 +221,7 @@ class PipProtocol(ProcessProtocol):
         else:
             if code is None:
                 code = f"signal {getattr(reason.value, 'signal', '?')}"
-            self.done.errback(InstallError(_failure_text(code, self.tail)))
+            self.done.errback(InstallError(_failure_text(code, self.tail), self.tail))
 
     def _cancel(self, _):
         try:
@@ -246,6 +253,8 @@ class Installer:
         self.reactor = reactor
         self.running = set()
         self.closing = False
+        #: Interpreters whose pip refused L{RAW_PROGRESS}.
+        self.without_raw = set()
 
     def _clock(self):
         return self.reactor if self.reactor is not None else _reactor()
@@ -280,6 +289,21 @@ class Installer:
         self.running.discard(protocol)
         return result
 
+    async def _install(self, config, python, args, on_line):
+        """
+        C{pip install} with byte progress, or without where pip is too old.
+        """
+        if python not in self.without_raw:
+            try:
+                return await self._spawn(config, python, [*args[:1], *RAW_PROGRESS, *args[1:]],
+                                         on_line)
+            except InstallError as exc:
+                if not pipsteps.refuses_raw(exc.lines):
+                    raise
+            _log.info("The pip of {python} has no byte progress (pip < 24.1)", python=python)
+            self.without_raw.add(python)
+        return await self._spawn(config, python, args, on_line)
+
     def install_args(self, config, requirement, upgrade):
         extra = (config or {}).get("pip_args") or []
         if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
@@ -304,7 +328,7 @@ class Installer:
         upgrade = installed_version(name) is not None
         args = self.install_args(config, requirement(name, spec), upgrade)
         starting(upgrade)
-        await self._spawn(config, python, args, on_line)
+        await self._install(config, python, args, on_line)
         refresh_discovery()
         current = installed_version(name)
         if current is None:
@@ -322,7 +346,8 @@ class Installer:
         C{pip install --upgrade name}; fires with the installed version after.
         """
         args = self.install_args(config, check_name(name), True)
-        d = self.pip(config, args, on_line)
+        python = interpreter(config)
+        d = _lock(python).run(self._install, config, python, args, on_line)
         d.addCallback(lambda _: (refresh_discovery(), installed_version(name))[1])
         return d
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -34,7 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import Data
 
-from funcnodes_tw import commands, libraries, packages, persistence
+from funcnodes_tw import commands, libraries, packages, persistence, pipsteps
 from funcnodes_tw.commands import library
 from funcnodes_tw.persistence import WorkerFiles
 from funcnodes_tw.settings import Settings
@@ -280,25 +281,24 @@ async def test_install_from_a_local_wheel_with_progress_in_order(tmp_path, venv,
 
     assert len(spawns) == 1
     argv = spawns[0]
-    assert argv[:4] == [str(venv[0] / "bin" / "python"), "-m", "pip", "install"]
+    assert argv[:6] == [
+        str(venv[0] / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "raw"
+    ]
     assert argv[-1] == "tinyfn" and "--upgrade" not in argv
     # Installed into the throwaway venv, not the project's.
     assert (venv[1] / "tinyfn" / "__init__.py").exists()
     assert not os.path.exists(os.path.join(sysconfig.get_paths()["purelib"], "tinyfn"))
     assert tinyfn_version() == "0.2", "the newest the index has"
 
-    progress = worker.outlet.progress()
-    assert progress[0] == ("Add package dependency tinyfn", "info", 0.0, True)
-    assert progress[1] == ("Install dependency tinyfn(None)", "info", 0.4, True)
-    pip_lines = progress[2:-2]
-    assert pip_lines, "pip's output becomes progress messages"
-    for message, status, value, blocking in pip_lines:
-        assert message.startswith("Install dependency tinyfn(None): ")
-        assert status == "info" and blocking and 0.4 < value < 0.8
-    assert [v for _, _, v, _ in pip_lines] == sorted(v for _, _, v, _ in pip_lines)
-    assert any("Successfully installed tinyfn" in m for m, *_ in pip_lines)
-    assert progress[-2] == ("Adding dependency tinyfn", "info", 0.8, True)
-    assert progress[-1] == ("Package dependency added tinyfn", "success", 1, False)
+    # pip's output (paths, indexes) became a few steps: none from a local
+    # wheel is a download.
+    assert worker.outlet.progress() == [
+        ("Add package dependency tinyfn", "info", 0.0, True),
+        ("Installing tinyfn: resolving", "info", 0.1, True),
+        ("Installing tinyfn: installing tinyfn", "info", 0.75, True),
+        ("Adding tinyfn to the library", "info", 0.9, True),
+        ("Package dependency added tinyfn", "success", 1, False),
+    ]
     last = worker.outlet.messages[-1]
     assert last["type"] == "workerevent" and last["event"] == "fullsync"
 
@@ -334,7 +334,7 @@ async def test_version_specifiers_pin_and_upgrade(tmp_path, venv, wheels, spawns
     assert tinyfn_version() == "0.1"
     assert spawns[-1][-1] == "tinyfn==0.1"
     assert worker.package_dependencies["tinyfn"]["version"] == "==0.1"
-    assert ("Install dependency tinyfn(==0.1)", "info", 0.4, True) in worker.outlet.progress()
+    assert ("Installing tinyfn: resolving", "info", 0.1, True) in worker.outlet.progress()
 
     # Satisfied: no pip.
     await run(worker, "add_package_dependency", name="tinyfn", version="<0.2")
@@ -345,7 +345,7 @@ async def test_version_specifiers_pin_and_upgrade(tmp_path, venv, wheels, spawns
     assert tinyfn_version() == "0.2"
     assert "--upgrade" in spawns[-1] and spawns[-1][-1] == "tinyfn>=0.2"
     progress = worker.outlet.progress()
-    assert progress[1] == ("Upgrade dependency tinyfn", "info", 0.4, True)
+    assert progress[1] == ("Upgrading tinyfn: resolving", "info", 0.1, True)
     assert progress[-1] == ("Package dependency added tinyfn", "success", 1, False)
     assert worker.package_dependencies["tinyfn"]["version"] == ">=0.2"
 
@@ -361,7 +361,7 @@ async def test_already_installed_spawns_no_pip(tmp_path, monkeypatch):
         await run(worker, "add_package_dependency", name="funcnodes-basic", version=version)
         assert [m for m, *_ in worker.outlet.progress()] == [
             "Add package dependency funcnodes-basic",
-            "Adding dependency funcnodes-basic",
+            "Adding funcnodes-basic to the library",
             "Package dependency added funcnodes-basic",
         ]
     assert fake.calls == []
@@ -450,13 +450,14 @@ async def test_failed_pip_leaves_worker_and_graph_intact(tmp_path, spawns):
 
     # The running interpreter's pip (no env_path), which found nothing.
     assert spawns[-1][:3] == [sys.executable, "-m", "pip"]
-    assert "No matching distribution" in str(error.value) or "Could not find" in str(error.value)
-    progress = worker.outlet.progress()
-    assert progress[0] == ("Add package dependency no-such-package-tw", "info", 0.0, True)
-    assert progress[1] == ("Install dependency no-such-package-tw(None)", "info", 0.4, True)
-    message, status, value, blocking = progress[-1]
-    assert message.startswith("Could not install no-such-package-tw(None): pip failed (1): ERROR:")
-    assert (status, value, blocking) == ("error", 0.0, True)
+    # One short sentence, in the reply and the status bar alike.
+    assert str(error.value) == "no package no-such-package-tw found in the package index"
+    assert worker.outlet.progress() == [
+        ("Add package dependency no-such-package-tw", "info", 0.0, True),
+        ("Installing no-such-package-tw: resolving", "info", 0.1, True),
+        ("Could not install no-such-package-tw: no package no-such-package-tw found in the"
+         " package index", "error", 0.0, True),
+    ]
     assert worker.outlet.messages[-1]["event"] == "fullsync"
 
     assert [n.uuid for n in worker.nodespace.nodes] == [node.uuid]
@@ -527,7 +528,11 @@ async def test_a_stopping_worker_lets_pip_finish_then_ends_it(tmp_path, monkeypa
 
 @pytest_twisted.ensureDeferred
 async def test_update_loads_the_state_even_when_a_package_fails(tmp_path, monkeypatch):
-    fake = FakeProcess(["ERROR: No matching distribution found for no-such-package-tw"], code=1)
+    fake = FakeProcess([
+        "ERROR: Could not find a version that satisfies the requirement no-such-package-tw"
+        " (from versions: none)",
+        "ERROR: No matching distribution found for no-such-package-tw",
+    ], code=1)
     monkeypatch.setattr(reactor, "spawnProcess", fake)
     source = new_worker(tmp_path, uuid="source")
     await run(source, "add_package_dependency", name="funcnodes-basic")
@@ -545,10 +550,140 @@ async def test_update_loads_the_state_even_when_a_package_fails(tmp_path, monkey
     assert "no-such-package-tw" not in worker.package_dependencies
     messages = [m for m, *_ in worker.outlet.progress()]
     assert "Package dependency added funcnodes-basic" in messages
-    assert messages[-1].startswith(
-        "Could not install no-such-package-tw(None): pip failed (1): ERROR: No matching"
+    assert messages[-1] == (
+        "Could not install no-such-package-tw: no package no-such-package-tw found in the"
+        " package index"
     )
     assert worker.outlet.messages[-1]["event"] == "fullsync"
+
+
+# endregion
+# region pip's output as steps
+
+#: Real pip output (stdout and stderr as they came), recorded in scratch
+#: venvs: pip 26.3 with --progress-bar raw installing funcnodes-plotly from
+#: PyPI; pip 23.2.1 (no raw progress) installing funcnodes-images; a package
+#: that does not exist; a version that does not; no network (unshare -n).
+RECORDED = Path(__file__).with_name("data") / "pip"
+
+
+def recorded(name):
+    return (RECORDED / f"{name}.txt").read_text().splitlines()
+
+
+def steps_of(lines):
+    said = []
+    steps = pipsteps.PipSteps(lambda text, value: said.append((text, value)))
+    steps.resolving()
+    for line in lines:
+        steps.line(line)
+    return said
+
+
+def assert_readable(said):
+    values = [value for _, value in said]
+    assert values == sorted(values), "the value only rises"
+    for text, _ in said:
+        assert "/" not in text and "://" not in text and "\\" not in text, text
+        assert "already satisfied" not in text and "WARNING" not in text
+        assert "Looking in" not in text and len(text) < 120
+
+
+def test_a_raw_progress_install_reads_as_a_few_steps():
+    lines = recorded("install_raw")
+    assert len(lines) > 100 and sum("already satisfied" in line for line in lines) > 60
+    said = steps_of(lines)
+    assert_readable(said)
+    assert said[0] == ("resolving", 0.1)
+    assert said[1:5] == [
+        ("downloading funcnodes-plotly 1.1.2 (1.5 MB)", 0.1),
+        ("downloading funcnodes-plotly 1.1.2 (1.5 MB) 17%", 0.153),
+        ("downloading funcnodes-plotly 1.1.2 (1.5 MB) 100%", 0.4),
+        ("downloading funcnodes-images 0.2.6 (20 kB)", 0.4),
+    ]
+    assert ("downloading pillow 13.0.0 (7.1 MB) 100%", pytest.approx(0.698, abs=0.001)) in said
+    assert said[-1] == ("installing simplejson, pillow and 7 more", 0.75)
+    assert all(0.1 <= value < 0.7 for _, value in said[:-1])
+    assert len(said) <= 16, "one message per download step, not per line"
+
+
+def test_an_old_pip_install_reads_as_downloads_without_percentages():
+    said = steps_of(recorded("install_old_pip"))
+    assert_readable(said)
+    assert not any(text.endswith("%") for text, _ in said)
+    assert said[1] == ("downloading funcnodes-images 0.2.6 (20 kB)", 0.1)
+    assert said[-1][0].startswith("installing ") and said[-1][1] == 0.75
+
+
+@pytest.mark.parametrize(
+    "recording, sentence",
+    [
+        ("no_such_package", "no package funcnodes-no-such-package-tw found in the package index"),
+        ("unsatisfiable", "no version of funcnodes-numpy matches ==99.0 (newest: 0.2.12)"),
+        ("no_network", "the package index cannot be reached (no network?)"),
+        ("old_pip_refuses_raw", "option --progress-bar: invalid choice: 'raw' (choose from 'on',"
+                                " 'off')"),
+    ],
+)
+def test_failures_read_as_one_sentence(recording, sentence):
+    lines = recorded(recording)
+    assert pipsteps.failure(lines) == sentence
+    assert steps_of(lines) == [("resolving", 0.1)]
+
+
+def test_other_errors_keep_pips_line_without_paths_or_addresses():
+    line = ("ERROR: Could not install packages due to an OSError: [Errno 13] Permission denied:"
+            " '/srv/venv/lib/python3.11/site-packages/numpy/__init__.py' (via"
+            " https://user:secret@mirror.example/simple/numpy/)")
+    text = pipsteps.failure(["Collecting numpy", line])
+    assert text == ("Could not install packages due to an OSError: [Errno 13] Permission denied:"
+                    " '__init__.py' (via …")
+    assert pipsteps.failure(["Successfully installed x-1"]) is None
+
+
+@pytest.mark.parametrize("recording", ["no_such_package", "unsatisfiable", "no_network"])
+@pytest_twisted.ensureDeferred
+async def test_a_failed_install_says_one_sentence_and_changes_nothing(
+    tmp_path, monkeypatch, recording
+):
+    worker = new_worker(tmp_path)
+    await run(worker, "add_package_dependency", name="funcnodes-basic")
+    node = await run(worker, "add_node", id="input.int")
+    deps = dict(worker.package_dependencies)
+    worker.outlet.messages.clear()
+    monkeypatch.setattr(reactor, "spawnProcess", FakeProcess(recorded(recording), code=1))
+    with pytest.raises(packages.InstallError) as error:
+        await run(worker, "add_package_dependency", name="funcnodes-plotly")
+    sentence = pipsteps.failure(recorded(recording))
+    assert str(error.value) == sentence
+    assert worker.outlet.progress() == [
+        ("Add package dependency funcnodes-plotly", "info", 0.0, True),
+        ("Installing funcnodes-plotly: resolving", "info", 0.1, True),
+        (f"Could not install funcnodes-plotly: {sentence}", "error", 0.0, True),
+    ]
+    assert [n.uuid for n in worker.nodespace.nodes] == [node.uuid]
+    assert worker.package_dependencies == deps
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pip_without_raw_progress_runs_again_without_it(monkeypatch):
+    class OldPip(FakeProcess):
+        def __call__(self, protocol, executable, args=(), *rest, **kwargs):
+            raw = "raw" in args
+            self.lines, self.code = (recorded("old_pip_refuses_raw"), 2) if raw else ([], 0)
+            return super().__call__(protocol, executable, args, *rest, **kwargs)
+
+    fake = OldPip()
+    monkeypatch.setattr(reactor, "spawnProcess", fake)
+    installer = packages.Installer()
+    for _ in range(2):
+        await installer.upgrade({}, "funcnodes-basic")
+    plain = [sys.executable, "-m", "pip", "install", "--upgrade", "funcnodes-basic"]
+    assert fake.calls == [
+        [*plain[:4], "--progress-bar", "raw", *plain[4:]],
+        plain,
+        plain,  # remembered
+    ]
 
 
 # endregion
@@ -636,11 +771,11 @@ async def test_missing_dependencies_install_after_the_port_listens(tmp_path, ven
         assert revived.inputs["x"].connections[0].node.uuid == source.uuid
         assert worker.nodespace.get_secret_property("files_dir") == worker.files.files.as_posix()
         progress = worker.outlet.progress()
-        fixed = [p for p in progress if ": " not in p[0]]
-        assert fixed == [
+        assert progress == [
             ("Add package dependency tinyfn", "info", 0.0, False),
-            ("Install dependency tinyfn(None)", "info", 0.4, False),
-            ("Adding dependency tinyfn", "info", 0.8, False),
+            ("Installing tinyfn: resolving", "info", 0.1, False),
+            ("Installing tinyfn: installing tinyfn", "info", 0.75, False),
+            ("Adding tinyfn to the library", "info", 0.9, False),
             ("Package dependency added tinyfn", "success", 1, False),
         ]
         assert worker.outlet.events("fullsync")
@@ -667,9 +802,9 @@ async def test_update_on_startup_upgrades_a_venv_worker_after_listening(
         assert len(spawns) == 1, "only installed packages are upgraded"
         assert "--upgrade" in spawns[0] and spawns[0][-1] == "tinyfn"
         assert tinyfn_version() == "0.2"
-        fixed = [p for p in started.worker.outlet.progress() if ": " not in p[0]]
-        assert fixed == [
-            ("Upgrade dependency tinyfn", "info", 0.4, False),
+        assert started.worker.outlet.progress() == [
+            ("Upgrading tinyfn: resolving", "info", 0.1, False),
+            ("Upgrading tinyfn: installing tinyfn", "info", 0.75, False),
             ("Upgraded tinyfn 0.1 -> 0.2; restart the worker to use it", "success", 1, False),
         ]
         log = (started.worker.files.data / "worker.log").read_text()
@@ -693,7 +828,10 @@ async def test_failed_update_on_startup_is_reported_and_the_worker_runs_on(
         await started.service.startup_jobs
         assert tinyfn_version() == "0.1"
         message, status, value, blocking = started.worker.outlet.progress()[-1]
-        assert message.startswith("Could not upgrade tinyfn: pip failed (1)")
+        assert message == (
+            "Could not upgrade tinyfn: Wheel 'tinyfn' located at tinyfn-0.3-py3-none-any.whl"
+            " is invalid."
+        )
         assert (status, value, blocking) == ("error", 0.0, False)
         assert started.worker.files.runstate.read_text() == "running"
         assert await run(started.worker, "uuid") == uuid
@@ -718,7 +856,7 @@ def test_update_on_startup_needs_a_venv_or_an_opt_in():
 
 @pytest_twisted.ensureDeferred
 async def test_update_on_startup_opt_in_uses_the_running_interpreter(tmp_path, monkeypatch):
-    fake = FakeProcess(["Requirement already satisfied: funcnodes-core"])
+    fake = FakeProcess(["Requirement already satisfied: funcnodes-core in /some/venv (2.4.0)"])
     monkeypatch.setattr(reactor, "spawnProcess", fake)
     current = importlib.metadata.version("funcnodes-core")
 
@@ -728,11 +866,10 @@ async def test_update_on_startup_opt_in_uses_the_running_interpreter(tmp_path, m
 
     worker.config["self_update"] = True
     await library.startup_jobs(worker, [])
-    assert fake.calls == [[sys.executable, "-m", "pip", "install", "--upgrade", "funcnodes-core"]]
+    assert fake.calls == [[sys.executable, "-m", "pip", "install", "--progress-bar", "raw",
+                           "--upgrade", "funcnodes-core"]]
     assert worker.outlet.progress() == [
-        ("Upgrade dependency funcnodes-core", "info", 0.4, False),
-        ("Upgrade dependency funcnodes-core: Requirement already satisfied: funcnodes-core",
-         "info", pytest.approx(0.44), False),
+        ("Upgrading funcnodes-core: resolving", "info", 0.1, False),
         (f"funcnodes-core {current} is up to date", "success", 1, False),
     ]
 

@@ -14,7 +14,7 @@ from funcnodes_core.utils import saving
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from funcnodes_tw import external, libraries, packages
+from funcnodes_tw import external, libraries, packages, pipsteps
 from funcnodes_tw.commands import command
 
 _log = Logger()
@@ -78,43 +78,37 @@ async def add_dependency(worker, name, version=None, sync=True, blocking=True):
     try:
         spec = packages.specifier(version)
         packages.check_name(name)
-        title = [f"Install dependency {name}({spec if spec else None})"]
+        title = [f"Installing {name}"]
+        steps = pip_steps(worker, lambda: title[0], blocking)
 
         def starting(upgrade):
             if upgrade:
-                title[0] = f"Upgrade dependency {name}"
-            worker.set_progress(title[0], "info", 0.4, blocking)
+                title[0] = f"Upgrading {name}"
+            steps.resolving()
 
         await packages.installer_for(worker).ensure(
-            worker.config,
-            name,
-            spec,
-            starting,
-            pip_progress(worker, lambda: title[0], blocking),
+            worker.config, name, spec, starting, steps.line
         )
         add_package(worker, name, spec, blocking=blocking)
         worker.set_progress(f"Package dependency added {name}", "success", 1, False)
     except Exception as exc:
-        worker.set_progress(f"Could not install {name}({version}): {exc}", "error", 0.0, blocking)
+        worker.set_progress(f"Could not install {name}: {exc}", "error", 0.0, blocking)
         raise
     finally:
         if sync:
             worker.worker_event("fullsync")
 
 
-def pip_progress(worker, title, blocking, start=0.4, end=0.8):
+def pip_steps(worker, title, blocking):
     """
-    A pip output callback: each line becomes a progress message between
-    C{start} and C{end}, creeping towards C{end} without reaching it.
+    The steps of a pip run as progress messages (C{"<title>: <step>"}):
+    what a person can follow, and nothing of the server (paths, indexes).
     """
-    done = [start]
 
-    def on_line(line):
-        done[0] += (end - start) * 0.1 * (end - done[0]) / (end - start)
-        text = line if len(line) <= 200 else line[:197] + "..."
-        worker.set_progress(f"{title()}: {text}", "info", round(done[0], 3), blocking)
+    def report(text, value):
+        worker.set_progress(f"{title()}: {text}", "info", value, blocking)
 
-    return on_line
+    return pipsteps.PipSteps(report)
 
 
 def add_package(worker, name, spec=None, announce=True, blocking=True):
@@ -123,7 +117,7 @@ def add_package(worker, name, spec=None, announce=True, blocking=True):
     """
     module = libraries.find_module(name)
     if announce:
-        worker.set_progress(f"Adding dependency {name}", "info", 0.8, blocking)
+        worker.set_progress(f"Adding {name} to the library", "info", 0.9, blocking)
     shelf = libraries.shelf_of(module)
     if shelf is not None:
         worker.nodespace.add_shelf(shelf)
@@ -269,12 +263,10 @@ async def update_on_startup(worker):
     installer = packages.installer_for(worker)
     for name in packages.startup_updates(worker.config):
         before = packages.installed_version(name)
-        title = f"Upgrade dependency {name}"
-        worker.set_progress(title, "info", 0.4, False)
+        steps = pip_steps(worker, lambda: f"Upgrading {name}", False)
+        steps.resolving()
         try:
-            after = await installer.upgrade(
-                worker.config, name, pip_progress(worker, lambda: title, False)
-            )
+            after = await installer.upgrade(worker.config, name, steps.line)
         except Exception as exc:
             _log.error(
                 "Upgrading {name} failed, running on {version}: {exc}",
