@@ -21,10 +21,10 @@ def main(argv=None):
         sys.stderr.write(f"funcnodes-tw: {exc}\n")
         return 1
     from twisted.application.service import IService
-    from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+    from twisted.logger import Logger, globalLogBeginner
     from twisted.python import usage
 
-    from funcnodes_tw.logs import LEVELS, filtered
+    from funcnodes_tw.logs import LEVELS, file_observer, filtered
     from funcnodes_tw.tap import Options, makeService
 
     options = Options()
@@ -34,7 +34,10 @@ def main(argv=None):
         sys.stderr.write(f"Usage: funcnodes-tw {options}\nfuncnodes-tw: {exc}\n")
         return 2
 
-    stdout = filtered(textFileLogObserver(sys.stdout), LEVELS[options.settings.log_level])
+    worker_settings = options.settings
+    stdout = filtered(
+        file_observer(sys.stdout, worker_settings.log_format), LEVELS[worker_settings.log_level]
+    )
     globalLogBeginner.beginLoggingTo([stdout], redirectStandardIO=False)
     if aio.on_uvloop():
         Logger().info("Running on uvloop")

@@ -93,7 +93,7 @@ class WorkerService(MultiService):
         worker.debug = settings.debug
         if settings.refresh_module_list:
             worker.module_list_url = settings.module_list_url
-        self.log = WorkerLog(worker.files.data, LEVELS[settings.log_level])
+        self.log = WorkerLog(worker.files.data, LEVELS[settings.log_level], settings.log_format)
         self.store = LargeMessageStore(
             clock, base_url=self._base_url, max_bytes=settings.max_message_store
         )

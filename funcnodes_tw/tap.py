@@ -57,7 +57,7 @@ class Options(usage.Options):
         ["port", "p", None, "TCP port (default: the worker's last port, else the first free from 9382).", int],
         ["listen", "l", None, "A Twisted server endpoint string; overrides --host/--port."],
         ["log-level", None, None, "debug, info (default), warn or error."],
-        ["log-format", None, None, "text (default) or json: one JSON object per log event (Twisted's JSON log format)."],
+        ["log-format", None, None, "text (default) or json: one JSON object a line (Twisted's JSON log events) on the launcher's stdout and in worker.log; twistd's own log takes --logger=funcnodes_tw.logs.json_stdout."],
         ["stall-threshold", None, None, "Seconds the reactor may stand still before a warning names the running node (default 1).", _positive(float)],
         ["token", None, None, "A secret every request must carry (?token= in the worker URL, or Authorization: Bearer); letters, digits, '.', '_', '~', '-'.", settings.check_token],
         ["required-heartbeat", None, None, "Stop when no client sent 'heartbeat' for this many seconds.", _positive(float)],
