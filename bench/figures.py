@@ -41,7 +41,8 @@ class Target:
 
     def text(self, unit: str) -> str:
         if self.on == "ratio":
-            return f"{self.op} {self.value:.1f}x"
+            digits = 1 if round(self.value, 1) == self.value else 2  # 1.5x, 0.95x
+            return f"{self.op} {self.value:.{digits}f}x"
         return f"{self.op} {self.value:g} {unit}"
 
     def met(self, row: "Row") -> Optional[bool]:
@@ -803,3 +804,7 @@ from bench import startup as _startup  # noqa: E402,F401  (registers the figure)
 
 # -- as_bytes: in a module of its own (bench/binary.py) ----------------------------------
 from bench import binary as _binary  # noqa: E402,F401  (registers the figure)
+
+
+# -- metrics_cost: in a module of its own (bench/metrics_cost.py) ------------------------
+from bench import metrics_cost as _metrics_cost  # noqa: E402,F401  (registers the figure)

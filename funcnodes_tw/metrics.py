@@ -65,6 +65,19 @@ class Histogram:
         return self.buckets(), self.sum
 
 
+class CommandStats(Histogram):
+    """
+    One command's latency histogram, and how many of its calls failed by
+    outcome: the rest were C{ok}, so the common case counts nothing more.
+    """
+
+    __slots__ = ("failed",)
+
+    def __init__(self):
+        super().__init__(COMMAND_BUCKETS)
+        self.failed = {}  # outcome -> count
+
+
 class Metrics:
     """
     What one worker counts. The service reads the gauges from its parts.
@@ -76,8 +89,8 @@ class Metrics:
             mapping works); any other name is counted as L{UNKNOWN_COMMAND}.
         """
         self.known_commands = known_commands
-        self.commands = {}  # (name, outcome) -> count
-        self.command_seconds = {}  # name -> Histogram
+        #: Known names and L{UNKNOWN_COMMAND} only -> L{CommandStats}.
+        self.command_seconds = {}
         self.sent = {"json": [0, 0], "binary": [0, 0], "large": [0, 0]}  # kind -> [messages, bytes]
         self.cut_off = {}  # reason -> count
         self.triggers = 0
@@ -91,14 +104,39 @@ class Metrics:
         self.watch = None
 
     def command(self, name, outcome, started):
+        """
+        One reply, on the hot path: a dict lookup and a bucket in the usual case.
+        """
+        seconds = perf_counter() - started
+        try:
+            stats = self.command_seconds[name]
+        except (KeyError, TypeError):  # first call, a name we do not know, or a list
+            stats = self._command_stats(name)
+        stats.observe(seconds)
+        if outcome != "ok":
+            stats.failed[outcome] = stats.failed.get(outcome, 0) + 1
+
+    def _command_stats(self, name):
         if not (isinstance(name, str) and name in self.known_commands):
             name = UNKNOWN_COMMAND
-        key = (name, outcome)
-        self.commands[key] = self.commands.get(key, 0) + 1
-        histogram = self.command_seconds.get(name)
-        if histogram is None:
-            histogram = self.command_seconds[name] = Histogram(COMMAND_BUCKETS)
-        histogram.observe(perf_counter() - started)
+        stats = self.command_seconds.get(name)
+        if stats is None:
+            stats = self.command_seconds[name] = CommandStats()
+        return stats
+
+    @property
+    def commands(self):
+        """
+        C{{(name, outcome): count}} of the replies so far.
+        """
+        counts = {}
+        for name, stats in self.command_seconds.items():
+            ok = sum(stats.counts) - sum(stats.failed.values())
+            if ok:
+                counts[name, "ok"] = ok
+            for outcome, n in stats.failed.items():
+                counts[name, outcome] = n
+        return counts
 
     def sent_frame(self, binary, size):
         counts = self.sent["binary" if binary else "json"]

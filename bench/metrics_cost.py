@@ -1,0 +1,95 @@
+"""The ``metrics_cost`` figure: what counting for ``GET /metrics`` costs the hot path.
+
+The figure starts two funcnodes_tw workers of the same build itself: one as usual
+(metrics on) and one with ``--no-metrics``. Both get the ``pipeline`` figure's workload
+(``uuid`` commands, 64 in flight per client, 1 client and then 8) in rounds that
+alternate which worker goes first, so slow drift from other load on the machine falls
+on both alike. The pair the harness started sits idle.
+
+The table shows the worker with metrics in the funcnodes_tw column and the one without
+in the reference column, so the ratio is on / off. The goal (issue 13): throughput with
+metrics within 5 % of the same build without, ``>= 0.95x``. The JSON has every round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Dict, List
+
+from bench.figures import Recorder, _pipelined, figure, ratio_at_least
+from bench.harness import Bench, Worker
+
+#: The figure's two workers: its table columns (tw, ref) and their extra options.
+VARIANTS = {"tw": ("on", ()), "ref": ("off", ("--no-metrics",))}
+
+
+async def _measure(w: Worker, socks: List, per_client: int, depth: int) -> Dict[str, float]:
+    cpu0, own0 = w.cpu(), time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_pipelined(ws, per_client, depth) for ws in socks))
+    seconds = time.perf_counter() - t0
+    calls = per_client * len(socks)
+    return {
+        "calls": calls,
+        "seconds": seconds,
+        "calls_per_s": calls / seconds,
+        "cpu_seconds": w.cpu() - cpu0,
+        "bench_cpu_seconds": time.process_time() - own0,
+    }
+
+
+@figure("metrics_cost", "pipelined `uuid` throughput of funcnodes_tw with metrics on vs --no-metrics")
+async def metrics_cost(bench: Bench, cfg, out: Recorder):
+    workers = {
+        column: Worker("tw", bench.run_dir / "metrics_cost" / name, bench.env,
+                       [*cfg.tw_options, *options])
+        for column, (name, options) in VARIANTS.items()
+    }
+    socks: Dict[str, List] = {}
+    try:
+        await asyncio.gather(*(w.start() for w in workers.values()))
+        most = max(cfg.pipe_clients)
+        for column, w in workers.items():
+            socks[column] = [
+                await w.session.ws_connect(w.http_base.replace("http", "ws") + "/", max_msg_size=0)
+                for _ in range(most)
+            ]
+            for ws in socks[column]:  # each speaks once, so it is a listening client
+                await _pipelined(ws, 1, 1)
+        for column in VARIANTS:  # warm-up, not measured
+            await asyncio.gather(
+                *(_pipelined(ws, cfg.pipe_warmup, cfg.pipe_depth) for ws in socks[column])
+            )
+        rounds = 3 * cfg.pipe_rounds
+        for n_clients in cfg.pipe_clients:
+            per_client = cfg.pipe_calls // n_clients
+            results: Dict[str, List] = {column: [] for column in VARIANTS}
+            for r in range(rounds):
+                order = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
+                for column in order:
+                    results[column].append(await _measure(
+                        workers[column], socks[column][:n_clients], per_client, cfg.pipe_depth
+                    ))
+            noun = "client" if n_clients == 1 else "clients"
+            label = f"uuid pipelined, {n_clients} {noun}, metrics on / --no-metrics"
+            out.raw[label] = results
+            out.add(
+                f"{label}: calls/s (median of {rounds})", "1/s",
+                {c: statistics.median(r["calls_per_s"] for r in rs) for c, rs in results.items()},
+                "higher", target=ratio_at_least(0.95),
+            )
+            out.add(
+                f"{label}: worker CPU per call", "us",
+                {c: statistics.median(r["cpu_seconds"] / r["calls"] for r in rs) * 1e6
+                 for c, rs in results.items()},
+                "lower",
+            )
+    finally:
+        for column_socks in socks.values():
+            for ws in column_socks:
+                await ws.close()
+        await asyncio.gather(*(w.stop() for w in workers.values()), return_exceptions=True)
+        for w in workers.values():
+            w.kill()
