@@ -8,6 +8,7 @@ Screenshots of every step land in the test's ``tmp_path`` next to ``worker.log``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ from uidriver import (
     free_port,
     run_in_thread,
     stop_process,
+    venv_without,
     wait_for_port,
     ws_command,
 )
@@ -41,7 +43,8 @@ TOKEN = "browser-Token_2"
 REFWORKER = Path(__file__).with_name("refworker.py")
 
 
-def worker_command(port: int, datadir: Path, worker_uuid: str, target: str = TARGET) -> list[str]:
+def worker_command(port: int, datadir: Path, worker_uuid: str, target: str = TARGET,
+                   python: str = sys.executable) -> list[str]:
     """Command line of the worker under test; both variants take the same options."""
     if target == "reference":
         entry = [str(REFWORKER)]
@@ -50,7 +53,7 @@ def worker_command(port: int, datadir: Path, worker_uuid: str, target: str = TAR
     else:
         raise ValueError(f"FUNCNODES_TW_BROWSER_TARGET: expected ours|reference, got {target!r}")
     return [
-        sys.executable, *entry,
+        python, *entry,
         "--host", "127.0.0.1",
         "--port", str(port),
         "--data-path", str(datadir),
@@ -72,15 +75,9 @@ def token():
     return None
 
 
-@pytest.fixture
-def worker(tmp_path, token):
-    """Start the worker with a private config dir and yield its port; stop it afterwards."""
-    port = free_port()
-    env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(tmp_path / "config"))
-    logfile = tmp_path / "worker.log"
-    cmd = worker_command(port, tmp_path / "data", uuid.uuid4().hex)
-    if token:
-        cmd += ["--token", token]
+@contextlib.contextmanager
+def running(cmd: list[str], port: int, logfile: Path, env: dict):
+    """The worker process of ``cmd``, listening on ``port``; stopped on leaving."""
     log.info("starting worker: %s (log: %s)", cmd, logfile)
     with open(logfile, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -90,12 +87,24 @@ def worker(tmp_path, token):
         except (RuntimeError, TimeoutError) as exc:
             tail = logfile.read_text(errors="replace")[-3000:]
             pytest.fail(f"worker did not come up: {exc}\n--- worker.log ---\n{tail}")
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+def worker(tmp_path, token):
+    """Start the worker with a private config dir and yield its port; stop it afterwards."""
+    port = free_port()
+    env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(tmp_path / "config"))
+    cmd = worker_command(port, tmp_path / "data", uuid.uuid4().hex)
+    if token:
+        cmd += ["--token", token]
+    with running(cmd, port, tmp_path / "worker.log", env):
         if TARGET == "reference":
             # The reference starts with an empty library; ours ships funcnodes-basic.
             ws_command(port, "add_package_dependency", name="funcnodes-basic")
         yield port
-    finally:
-        stop_process(proc)
 
 
 @pytest.fixture
@@ -434,3 +443,141 @@ def test_ui_on_a_worker_mounted_in_a_host_application(chromium, embedded_app, tm
     """
     url = f"http://127.0.0.1:{embedded_app}/fn/"
     run_in_thread(_drive_ui, chromium, url, tmp_path, timeout=120)
+
+
+# --------------------------------------------------------------------------- installing
+
+
+@pytest.fixture
+def numpy_free_worker(tmp_path):
+    """A worker whose environment lacks funcnodes-numpy and whose module list is the shipped
+    snapshot: a fresh config dir (no cached list) and ``--no-refresh-module-list``.
+
+    The venv links this one's packages except funcnodes-numpy (and funcnodes-pandas, which
+    needs it); its pip gets a constraints file pinning what is there, so the install adds
+    funcnodes-numpy and nothing else, and cannot replace a linked package. ``PIP_NO_CACHE_DIR``
+    makes pip download it, as on a new machine.
+    """
+    venv = tmp_path / "venv"
+    constraints = venv_without(venv, "funcnodes-numpy")
+    python = str(venv / "bin" / "python")
+    probe = subprocess.run(
+        [python, "-c", "import importlib.util as u, funcnodes_tw;"
+                       " print(u.find_spec('funcnodes_numpy'))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "None", "funcnodes-numpy is visible in the test venv"
+    port = free_port()
+    env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(tmp_path / "config"),
+               PIP_CONSTRAINT=str(constraints), PIP_NO_CACHE_DIR="1")
+    cmd = worker_command(port, tmp_path / "data", uuid.uuid4().hex, "ours", python)
+    with running(cmd + ["--no-refresh-module-list"], port, tmp_path / "worker.log", env):
+        yield port
+
+
+@pytest.mark.skipif(TARGET == "reference", reason="the reference always downloads the list")
+def test_find_and_install_numpy_from_the_ui(chromium, numpy_free_worker, tmp_path):
+    """A new user finds funcnodes-numpy in "Manage Libraries" (no network for the list),
+    installs it with "Add", follows readable progress in the status bar, and uses a node of
+    the numpy shelf that appears."""
+    shown: list[tuple[str, float]] = []
+    said: list[dict] = []
+    scenario = functools.partial(_install_scenario, shown=shown, said=said)
+    url = f"http://127.0.0.1:{numpy_free_worker}/"
+    run_in_thread(_drive_ui, chromium, url, tmp_path, scenario, timeout=300)
+    (tmp_path / "statusbar.json").write_text(json.dumps(shown, indent=1))
+    log.info("status bar during the install: %s", shown)
+
+    worker_log = (tmp_path / "worker.log").read_text()
+    # pip did print what must not reach a client: the filter had something to remove.
+    assert "Requirement already satisfied" in worker_log
+    assert "Successfully installed funcnodes-numpy" in worker_log
+    # The dialog's list came from the shipped snapshot: nothing was downloaded to the cache.
+    assert not (tmp_path / "config" / "cache" / "funcnodes_modules.csv").exists()
+
+
+#: Every state of the status bar (text, width of the bar) from the page's start on.
+STATUSBAR_RECORDER = """
+window.__statusbar = [];
+new MutationObserver(() => {
+  const text = document.querySelector(".statusbar-message");
+  const bar = document.querySelector(".statusbar-progressbar");
+  if (!text || !bar) return;
+  const seen = window.__statusbar, last = seen[seen.length - 1];
+  const now = [text.textContent, bar.style.width];
+  if (!last || last[0] !== now[0] || last[1] !== now[1]) seen.push(now);
+}).observe(document, {subtree: true, childList: true, characterData: true, attributes: true,
+                      attributeFilter: ["style"]});
+"""
+
+INSTALLED = "Package dependency added funcnodes-numpy"
+#: What a status bar text must not carry: paths, addresses, pip's noise.
+UNREADABLE = re.compile(r"[/\\]|site-packages|already satisfied|Looking in|WARNING")
+
+
+def _install_scenario(ui: FuncNodesUI, expect, url: str, shot, shown: list, said: list):
+    """Open "Manage Libraries", add funcnodes-numpy, watch the status bar, use np.add.
+
+    ``shown`` gets the status bar's states from the click to the end of the install as
+    (text, progress 0..1), ``said`` the worker's ``progress`` messages.
+    """
+    page = ui.page
+
+    def on_frame(payload):
+        if isinstance(payload, str) and payload.startswith('{"type":"progress"'):
+            said.append(json.loads(payload))
+
+    page.on("websocket", lambda ws: ws.on("framereceived", on_frame))
+    page.add_init_script(STATUSBAR_RECORDER)
+    page.goto(url)
+    ui.open_library()
+    expect(ui.shelf("basics")).to_be_visible()
+    expect(ui.shelf("numpy")).to_have_count(0)
+
+    page.get_by_role("button", name="Manage Libraries").click()
+    dialog = page.get_by_role("dialog")
+    module = dialog.locator(".addable-module").filter(
+        has=page.locator(".module-name", has_text=re.compile(r"^funcnodes-numpy\b"))
+    )
+    expect(module).to_have_count(1)
+    section = module.evaluate(
+        "el => { let e = el; while (e && e.tagName !== 'H3') e = e.previousElementSibling;"
+        " return e && e.textContent; }"
+    )
+    assert section == "Available", f"funcnodes-numpy listed under {section!r}"
+    shot("31-manage-libraries")
+
+    before = page.evaluate("window.__statusbar.length")
+    module.get_by_role("button", name="Add").click()
+    expect(page.locator(".statusbar-message")).to_have_text(INSTALLED, timeout=180_000)
+    shot("32-installed")
+    states = page.evaluate("window.__statusbar")[before:]
+    shown.extend((text, float(width.rstrip("%")) / 100) for text, width in states)
+
+    texts = list(dict.fromkeys(text for text, _ in shown))
+    values = [value for _, value in shown]
+    assert texts[0] == "Add package dependency funcnodes-numpy", texts
+    assert texts[-1] == INSTALLED and values[-1] == pytest.approx(1.0)
+    assert values == sorted(values), f"the bar went back: {shown}"
+    assert any(0 < value < 1 for value in values), f"the bar did not move: {shown}"
+    assert 3 <= len(texts) <= 8, texts
+    for text in texts:
+        assert not UNREADABLE.search(text) and len(text) <= 120, text
+    # The page shows what the worker said, and the worker said each step.
+    told = [m["message"] for m in said]
+    assert set(texts) <= set(told), (texts, told)
+    assert any(t.startswith("Installing funcnodes-numpy: downloading funcnodes-numpy ")
+               for t in told), told
+    assert [m["progress"] for m in said] == sorted(m["progress"] for m in said), said
+
+    # The dialog closed itself; the library panel is still open.
+    expect(ui.shelf("numpy")).to_be_visible()
+    node = ui.add_node("np.add", "add")
+    expect(node).to_be_visible()
+    ui.close_library()
+    ui.zoom_out(1.0)
+    ui.move_node(node, 0.4, 0.3)
+    ui.set_input(node, "x1", "2")
+    ui.set_input(node, "x2", "3.5")
+    expect(ui.output_value(node, "add")).to_have_text('"5.5"')
+    shot("33-numpy-node")

@@ -13,6 +13,8 @@ import logging
 import re
 import socket
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -64,6 +66,63 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(grace)
+
+
+def _dependents(names: set[str], site: Path) -> set[str]:
+    """``names`` and every distribution in ``site`` that requires one of them (not as an
+    extra), by their canonical names."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found = {canonicalize_name(n) for n in names}
+    while True:
+        more = set()
+        for dist in importlib.metadata.distributions(path=[str(site)]):
+            name = canonicalize_name(dist.metadata["Name"])
+            for text in dist.requires or []:
+                req = Requirement(text)
+                if canonicalize_name(req.name) in found and not (
+                    req.marker and "extra" in str(req.marker)
+                ):
+                    more.add(name)
+        if more <= found:
+            return found
+        found |= more
+
+
+def venv_without(folder: Path, *names: str) -> Path:
+    """A venv that has this one's packages except ``names`` (and what requires them).
+
+    Every entry of this site-packages is linked into the new one, so ``.pth`` files (the
+    editable install) work and pip sees the packages as its own; the left-out ones are
+    simply absent. Returns a pip constraints file pinning every linked distribution to its
+    version: with it, a pip run in the new venv installs only what is missing and never
+    replaces (deletes through a link) a file of this venv.
+    """
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    source = Path(sysconfig.get_paths()["purelib"])
+    site = folder / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    left_out = _dependents(set(names), source)
+    hidden, pins = set(), []
+    for dist in importlib.metadata.distributions(path=[str(source)]):
+        name = canonicalize_name(dist.metadata["Name"])
+        if name in left_out:
+            # RECORD names the package's folders and its .dist-info; ".." are scripts.
+            hidden.update(f.parts[0] for f in dist.files or () if f.parts[0] != "..")
+        elif '"editable": true' not in (dist.read_text("direct_url.json") or ""):
+            pins.append(f"{name}=={dist.version}")
+    for entry in source.iterdir():
+        if entry.name not in hidden and entry.name != "__pycache__":
+            (site / entry.name).symlink_to(entry)
+    constraints = folder / "constraints.txt"
+    constraints.write_text("\n".join(sorted(pins)) + "\n")
+    return constraints
 
 
 def run_in_thread(fn, *args, timeout: float | None = None, **kwargs):
