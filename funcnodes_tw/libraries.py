@@ -134,16 +134,56 @@ def find_module(name):
     modules = installed_modules()
     module = modules.get(modname)
     if module is not None:
-        return module
+        return loaded(module)
     for candidate in _distribution_modules(name):
         if candidate in modules:
-            return modules[candidate]
+            return loaded(modules[candidate])
     try:
         imported = importlib.import_module(modname)
     except ImportError:
         raise PackageNotFound(f"Package {name} not found") from None
     module = setup_module(InstalledModule(name=modname, module=imported))
     AVAILABLE_MODULES[modname] = module
+    return module
+
+
+def _entry_point_types():
+    """
+    The standard library's C{EntryPoint}, and the importlib_metadata
+    backport's once something imported it (dask does): the backport's finder
+    answers the standard library's scan too, with its own class.
+    """
+    backport = sys.modules.get("importlib_metadata")
+    backport_type = getattr(backport, "EntryPoint", None)
+    if isinstance(backport_type, type):
+        return (importlib.metadata.EntryPoint, backport_type)
+    return (importlib.metadata.EntryPoint,)
+
+
+def loaded(module):
+    """
+    C{module} with its entry points loaded and its setup run.
+
+    funcnodes-core (2.4) leaves the entry points of a module it has not
+    imported as C{EntryPoint}s and loads one when it is read, but it knows
+    only the standard library's class: the backport's would be handed out
+    unloaded (a shelf that is no Shelf, no worker classes).
+    """
+    points = module.entry_points
+    types = _entry_point_types()
+    for name, value in list(dict.items(points)):
+        if not isinstance(value, types):
+            continue
+        try:
+            dict.__setitem__(points, name, value.load())
+        except Exception:
+            _log.failure(
+                "{module}: its entry point {name} failed to load", module=module.name, name=name
+            )
+            dict.__delitem__(points, name)
+    imported = dict.get(points, "module")
+    if module.module is None and imported is not None:
+        module.set_module(imported)
     return module
 
 

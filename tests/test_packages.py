@@ -327,6 +327,28 @@ async def test_entry_point_module_loads_as_a_shelf_with_add_shelf(tmp_path, venv
     assert tiny and tiny[0]["version"] == "0.1"
 
 
+def test_entry_points_of_the_importlib_metadata_backport_load_too():
+    # dask imports the backport, whose finder then answers the standard
+    # library's scan with its own EntryPoint class; funcnodes-core loads only
+    # the standard library's, so a module it had not imported came back with
+    # an EntryPoint for a shelf. A fresh process, so the module is not imported.
+    pytest.importorskip("importlib_metadata")
+    script = (
+        "import importlib_metadata, sys\n"
+        "from funcnodes_core.lib import Shelf\n"
+        "from funcnodes_tw import libraries\n"
+        "assert 'funcnodes_basic' not in sys.modules\n"
+        "module = libraries.find_module('funcnodes-basic')\n"
+        "shelf = libraries.shelf_of(module)\n"
+        "assert isinstance(shelf, Shelf), repr(shelf)\n"
+        "assert module.module is sys.modules['funcnodes_basic'], module.module\n"
+        "print(shelf.name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "basics"
+
+
 @pytest_twisted.ensureDeferred
 async def test_version_specifiers_pin_and_upgrade(tmp_path, venv, wheels, spawns):
     worker = new_worker(tmp_path, venv_config(venv, wheels))
