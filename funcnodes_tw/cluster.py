@@ -85,6 +85,8 @@ class Cluster(Service):
         self.patterns = list(patterns or ())
         self.client = None
         self.error = None
+        #: Calls submitted to the cluster and not yet back (a gauge).
+        self.in_flight = 0
         self._task = None
         self._cancelling = set()
         #: (closure cell, what it held) of the classes routed by patterns.
@@ -224,11 +226,12 @@ class Cluster(Service):
     async def _call(self, client, function, args, kwargs, node):
         # apply() keeps the node's inputs apart from submit's own keywords.
         future = client.submit(apply, function, list(args), kwargs, pure=False)
+        self.in_flight += 1
         progress = where = None
-        if node is not None:
-            progress = node.progress(total=None, desc=f"queued on dask scheduler {self.address}")
-            where = aio.event_loop().create_task(self._report_where(client, future, progress))
         try:
+            if node is not None:
+                progress = node.progress(total=None, desc=f"queued on dask scheduler {self.address}")
+                where = aio.event_loop().create_task(self._report_where(client, future, progress))
             result = await future
         except distributed.client.FutureCancelledError as exc:
             raise ClusterLost(
@@ -241,8 +244,10 @@ class Cluster(Service):
             cancelling.add_done_callback(self._cancelling.discard)
             raise
         finally:
+            self.in_flight -= 1
             if where is not None:
                 where.cancel()
+            if progress is not None:
                 progress.close()
         # The dask worker drops its copy of the result now, not when this
         # future is collected.

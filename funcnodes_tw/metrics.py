@@ -186,6 +186,13 @@ def pool_busy():
     return 0 if pool is None else len(pool.children) - len(pool.idle)
 
 
+def cluster_tasks():
+    """
+    Calls sent to a Dask cluster and not back yet (0 without a cluster).
+    """
+    return sum(remote.in_flight for remote in isolation.remotes)
+
+
 class Collector:
     """
     A C{prometheus_client} collector of one worker's L{Metrics} and gauges.
@@ -258,6 +265,10 @@ class Collector:
         )
         yield self._one(
             Gauge, "process_pool_busy", "Process-pool children running a call.", pool_busy()
+        )
+        yield self._one(
+            Gauge, "cluster_tasks", "Calls sent to the Dask cluster and not back yet.",
+            cluster_tasks(),
         )
         if m.watch is not None:
             yield self._one(

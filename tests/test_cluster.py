@@ -27,7 +27,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 
-from funcnodes_tw import aio, isolation, persistence
+from funcnodes_tw import aio, isolation, metrics, persistence
 from funcnodes_tw.tap import Options
 from inprocess import sleep, start  # noqa: F401 (fixture)
 from test_isolation import is_value, value_of
@@ -469,12 +469,14 @@ def test_a_node_removed_or_the_worker_stopped_cancels_the_task(
 ):
     procs = yield dask(workers=1)
     served = yield start("--cluster", procs.address, name=how)
-    yield connected(served, 1)
+    service = yield connected(served, 1)
     client = yield served.connect()
     yield client.call("add_shelf", src="cluster_nodes")
     marker = tmp_path / "started"
     nid, at = yield run_node(client, "cluster_test.slow", seconds=60.0, marker=str(marker), x=1)
     yield wait_until(lambda: marked(marker), 60, "the task's start")
+    # The gauge /metrics shows (inputs set one by one may have started a call each).
+    assert service.in_flight >= 1 and metrics.cluster_tasks() == service.in_flight
     # A client of the test's own watches the scheduler.
     watcher = yield aio.as_deferred(
         distributed.Client(procs.address, asynchronous=True, set_as_default=False)
@@ -494,6 +496,7 @@ def test_a_node_removed_or_the_worker_stopped_cancels_the_task(
                 break
             yield sleep(0.1)
         assert not any(busy.values()), f"still on the cluster: {busy}"
+        yield wait_until(lambda: service.in_flight == 0, 10, "the calls to end")
     finally:
         yield aio.as_deferred(watcher.close())
 
