@@ -110,12 +110,7 @@ class Cluster(Service):
     async def _keep_connected(self):
         while True:
             try:
-                client = await distributed.Client(
-                    self.address,
-                    asynchronous=True,
-                    timeout=CONNECT_TIMEOUT,
-                    set_as_default=False,
-                )
+                client = await self._connect()
             except Exception as exc:
                 if self.error is None:
                     _log.warn(
@@ -136,6 +131,21 @@ class Cluster(Service):
             self.client, self.error = None, "the connection was lost"
             _log.warn("Lost the dask scheduler at {address}", address=self.address)
             await client.close()
+
+    async def _connect(self):
+        """
+        A connected client. One cancelled while it connects (the worker
+        stops) is closed here: left to the collector, it warns of a close
+        never awaited.
+        """
+        client = distributed.Client(
+            self.address, asynchronous=True, timeout=CONNECT_TIMEOUT, set_as_default=False
+        )
+        try:
+            return await client
+        except BaseException:
+            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+            raise
 
     def stopService(self):
         super().stopService()

@@ -431,6 +431,37 @@ def test_no_scheduler_at_start(start, dask, fallback):  # noqa: F811
     assert ran["value"] == 6 and ran["pid"] == procs.workers[0].pid
 
 
+@pytest_twisted.inlineCallbacks
+def test_stopping_while_the_scheduler_does_not_answer(start, recwarn):  # noqa: F811
+    # A port that takes connections and never speaks: the client is still
+    # connecting when the worker stops, and is closed, not left to the collector.
+    import gc
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        served = yield start("--cluster", address, name="silent")
+        service = served.service.getServiceNamed("cluster")
+        yield wait_until(lambda: [o for o in gc.get_objects() if isinstance(o, distributed.Client)],
+                         10, "a client connecting")
+        began = time.monotonic()
+        yield served.stop()
+        assert time.monotonic() - began < 5
+        assert service.client is None
+        gc.collect()
+        yield sleep(0.1)
+        gc.collect()
+        clients = [o for o in gc.get_objects() if isinstance(o, distributed.Client)]
+        assert all(c.status == "closed" for c in clients), [c.status for c in clients]
+        never_awaited = [str(w.message) for w in recwarn if "never awaited" in str(w.message)]
+        assert never_awaited == []
+    finally:
+        silent.close()
+
+
 @pytest.mark.slow
 @pytest_twisted.inlineCallbacks
 def test_the_scheduler_lost_mid_run(start, dask, tmp_path):  # noqa: F811
