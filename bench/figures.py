@@ -506,6 +506,22 @@ async def _pipelined(ws, calls: int, depth: int) -> None:
             sent += 1
 
 
+async def measure_pipelined(w: Worker, socks: List, per_client: int, depth: int) -> Dict[str, float]:
+    """``per_client`` pipelined ``uuid`` calls on each socket at once: rate and CPU."""
+    cpu0, own0 = w.cpu(), time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_pipelined(ws, per_client, depth) for ws in socks))
+    seconds = time.perf_counter() - t0
+    calls = per_client * len(socks)
+    return {
+        "calls": calls,
+        "seconds": seconds,
+        "calls_per_s": calls / seconds,
+        "cpu_seconds": w.cpu() - cpu0,
+        "bench_cpu_seconds": time.process_time() - own0,
+    }
+
+
 @figure("pipeline", "pipelined `uuid` throughput: 1 and 8 clients, 64 commands in flight each")
 async def pipeline(bench: Bench, cfg, out: Recorder):
     socks: Dict[str, List] = {}
@@ -528,20 +544,9 @@ async def pipeline(bench: Bench, cfg, out: Recorder):
             calls = per_client * n_clients
 
             async def measure(w: Worker, r: int) -> Dict[str, float]:
-                cpu0, own0 = w.cpu(), time.process_time()
-                t0 = time.perf_counter()
-                await asyncio.gather(
-                    *(_pipelined(ws, per_client, cfg.pipe_depth)
-                      for ws in socks[w.side][:n_clients])
+                return await measure_pipelined(
+                    w, socks[w.side][:n_clients], per_client, cfg.pipe_depth
                 )
-                seconds = time.perf_counter() - t0
-                return {
-                    "calls": calls,
-                    "seconds": seconds,
-                    "calls_per_s": calls / seconds,
-                    "cpu_seconds": w.cpu() - cpu0,
-                    "bench_cpu_seconds": time.process_time() - own0,
-                }
 
             results = await bench.alternate(cfg.pipe_rounds, measure)
             noun = "client" if n_clients == 1 else "clients"

@@ -15,29 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import time
 from typing import Dict, List
 
-from bench.figures import Recorder, _pipelined, figure, ratio_at_least
+from bench.figures import Recorder, _pipelined, figure, measure_pipelined, ratio_at_least
 from bench.harness import Bench, Worker
 
 #: The figure's two workers: its table columns (tw, ref) and their extra options.
 VARIANTS = {"tw": ("on", ()), "ref": ("off", ("--no-metrics",))}
-
-
-async def _measure(w: Worker, socks: List, per_client: int, depth: int) -> Dict[str, float]:
-    cpu0, own0 = w.cpu(), time.process_time()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(_pipelined(ws, per_client, depth) for ws in socks))
-    seconds = time.perf_counter() - t0
-    calls = per_client * len(socks)
-    return {
-        "calls": calls,
-        "seconds": seconds,
-        "calls_per_s": calls / seconds,
-        "cpu_seconds": w.cpu() - cpu0,
-        "bench_cpu_seconds": time.process_time() - own0,
-    }
 
 
 @figure("metrics_cost", "pipelined `uuid` throughput of funcnodes_tw with metrics on vs --no-metrics")
@@ -69,7 +53,7 @@ async def metrics_cost(bench: Bench, cfg, out: Recorder):
             for r in range(rounds):
                 order = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
                 for column in order:
-                    results[column].append(await _measure(
+                    results[column].append(await measure_pipelined(
                         workers[column], socks[column][:n_clients], per_client, cfg.pipe_depth
                     ))
             noun = "client" if n_clients == 1 else "clients"
