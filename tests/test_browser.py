@@ -317,11 +317,7 @@ def _large_value_scenario(ui: FuncNodesUI, expect, url: str, shot, worker_port: 
     expect(ui.shelf("basics")).to_be_visible()
     if token:
         assert sockets == [f"ws://127.0.0.1:{worker_port}/?token={token}"]
-    node = ui.add_node("input.json", "JSON Input")
-    expect(node).to_be_visible()
-    ui.close_library()
-    ui.zoom_out(1.0)
-    ui.move_node(node, 0.4, 0.3)
+    node = ui.place_node("input.json", "JSON Input")
     shot("11-json-node")
 
     with page.expect_response(
@@ -381,11 +377,7 @@ def _upload_scenario(ui: FuncNodesUI, expect, url: str, shot, files_dir: Path):
     page.goto(url)
     ui.open_library()
     expect(ui.shelf("Files")).to_be_visible()
-    node = ui.add_node("files.upl", "File Upload")
-    expect(node).to_be_visible()
-    ui.close_library()
-    ui.zoom_out(1.0)
-    ui.move_node(node, 0.4, 0.3)
+    node = ui.place_node("files.upl", "File Upload")
     # The plugin's renderer replaces the plain field with an upload button.
     expect(node.get_by_role("button", name="Upload File")).to_be_visible()
     # A controlled checkbox: it shows the value the worker echoes back, so click and wait.
@@ -572,11 +564,7 @@ def _install_scenario(ui: FuncNodesUI, expect, url: str, shot, shown: list, said
 
     # The dialog closed itself; the library panel is still open.
     expect(ui.shelf("numpy")).to_be_visible()
-    node = ui.add_node("np.add", "add")
-    expect(node).to_be_visible()
-    ui.close_library()
-    ui.zoom_out(1.0)
-    ui.move_node(node, 0.4, 0.3)
+    node = ui.place_node("np.add", "add")
     ui.set_input(node, "x1", "2")
     ui.set_input(node, "x2", "3.5")
     expect(ui.output_value(node, "add")).to_have_text('"5.5"')

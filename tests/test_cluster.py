@@ -741,11 +741,7 @@ def test_the_ui_shows_a_result_computed_on_a_dask_worker(tmp_path):
             ui.page.goto(url)
             ui.open_library()
             expect(ui.shelf("cluster tests")).to_be_visible()
-            node = ui.add_node("cluster_test.double", "Double remotely")
-            expect(node).to_be_visible()
-            ui.close_library()
-            ui.zoom_out(1.0)
-            ui.move_node(node, 0.4, 0.3)
+            node = ui.place_node("cluster_test.double", "Double remotely")
             ui.set_input(node, "x", "21")
             out = ui.output_value(node, "out")
             # The preview, as the UI shows it: {\"value\":42,\"worker\":\"tcp://...

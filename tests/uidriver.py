@@ -263,6 +263,15 @@ class FuncNodesUI:
         self.page.locator(".libnodeentry", has_text=_exact(label)).dblclick()
         return self.node(label)
 
+    def place_node(self, node_id: str, label: str, fx: float = 0.4, fy: float = 0.3):
+        """Add a node from the open library, close the library and bring the node into view."""
+        node = self.add_node(node_id, label)
+        node.wait_for(state="visible")
+        self.close_library()
+        self.zoom_out(1.0)
+        self.move_node(node, fx, fy)
+        return node
+
     # nodes ----------------------------------------------------------------
     def node(self, title: str):
         return self.nodes.filter(
