@@ -31,30 +31,33 @@ async def metrics_cost(bench: Bench, cfg, out: Recorder):
                        [*cfg.tw_options, *options])
         for column, (name, options) in VARIANTS.items()
     }
-    socks: Dict[str, List] = {}
+    socks: Dict[str, List] = {column: [] for column in VARIANTS}
     try:
         await asyncio.gather(*(w.start() for w in workers.values()))
-        most = max(cfg.pipe_clients)
-        for column, w in workers.items():
-            socks[column] = [
-                await w.session.ws_connect(w.http_base.replace("http", "ws") + "/", max_msg_size=0)
-                for _ in range(most)
-            ]
-            for ws in socks[column]:  # each speaks once, so it is a listening client
-                await _pipelined(ws, 1, 1)
-        for column in VARIANTS:  # warm-up, not measured
-            await asyncio.gather(
-                *(_pipelined(ws, cfg.pipe_warmup, cfg.pipe_depth) for ws in socks[column])
-            )
-        rounds = 3 * cfg.pipe_rounds
+        rounds = 11 * cfg.pipe_rounds  # a 5 % difference needs many: rounds vary by ~10 % here
         for n_clients in cfg.pipe_clients:
+            # Sockets of this phase only: one left unread through a long phase
+            # would miss the worker's pings and be dropped.
+            for column, w in workers.items():
+                for ws in socks[column]:
+                    await ws.close()
+                socks[column] = [
+                    await w.session.ws_connect(w.http_base.replace("http", "ws") + "/",
+                                               max_msg_size=0)
+                    for _ in range(n_clients)
+                ]
+                for ws in socks[column]:  # each speaks once, so it is a listening client
+                    await _pipelined(ws, 1, 1)
+                await asyncio.gather(  # warm-up, not measured
+                    *(_pipelined(ws, cfg.pipe_warmup, cfg.pipe_depth) for ws in socks[column])
+                )
             per_client = cfg.pipe_calls // n_clients
             results: Dict[str, List] = {column: [] for column in VARIANTS}
             for r in range(rounds):
                 order = list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]
                 for column in order:
                     results[column].append(await measure_pipelined(
-                        workers[column], socks[column][:n_clients], per_client, cfg.pipe_depth
+                        workers[column], socks[column], per_client, cfg.pipe_depth
                     ))
             noun = "client" if n_clients == 1 else "clients"
             label = f"uuid pipelined, {n_clients} {noun}, metrics on / --no-metrics"
