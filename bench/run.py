@@ -221,8 +221,9 @@ def _terminate(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
+        width = max(len(fig.name) for fig in FIGURES)
         for fig in FIGURES:
-            sys.stdout.write(f"{fig.name:10} {fig.title}\n")
+            sys.stdout.write(f"{fig.name:{width}} {fig.title}\n")
         return 0
     selected = [f for f in FIGURES if not args.only or f.name in args.only]
     cfg = Config.from_args(args)
