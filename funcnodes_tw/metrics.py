@@ -107,16 +107,13 @@ class Metrics:
 
     def command(self, name, outcome, started):
         """
-        One reply: a dict lookup and a bucket in the usual case (the hot
-        path, C{ok}, does the same inline: L{funcnodes_tw.rpc}).
+        One reply: a dict lookup and a bucket in the usual case.
         """
-        seconds = perf_counter() - started
         try:
             stats = self.command_seconds[name]
         except (KeyError, TypeError):  # first call, a name we do not know, or a list
             stats = self._command_stats(name)
-        stats.counts[bisect_left(COMMAND_BUCKETS, seconds)] += 1
-        stats.sum += seconds
+        stats.observe(perf_counter() - started)
         if outcome != "ok":
             stats.failed[outcome] = stats.failed.get(outcome, 0) + 1
 

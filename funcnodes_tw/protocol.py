@@ -254,10 +254,8 @@ class WorkerProtocol(WebSocketServerProtocol):
                 head, payload = frame_header(len(item), True) + item.head, item.payload
             else:
                 head, payload = frame_header(len(item), False), item
-            if metrics is not None:  # Metrics.sent_frame, inline: every reply passes here
-                counts = metrics.by_binary[kind]
-                counts[0] += 1
-                counts[1] += len(head) + len(payload)
+            if metrics is not None:
+                metrics.sent_frame(kind, len(head) + len(payload))
             if len(payload) < SCATTER_MIN or not self._fast or self.send_queue:
                 self.sendData(head + payload)
             else:

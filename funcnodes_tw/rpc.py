@@ -5,13 +5,11 @@ Used by the WebSocket protocol and by C{POST /message/} (which has no
 connection, so its replies are broadcast, as the reference does).
 """
 
-from bisect import bisect_left
 from time import perf_counter
 
 from twisted.logger import Logger
 
 from funcnodes_tw import commands, wire
-from funcnodes_tw.metrics import COMMAND_BUCKETS
 
 _log = Logger()
 
@@ -85,14 +83,7 @@ class Dispatcher:
         else:
             self.hub.send(client, wire.result(result, msgid))
         if started is not None:
-            # Metrics.command(name, "ok", started), inline: every reply passes here.
-            seconds = perf_counter() - started
-            stats = self.metrics.command_seconds.get(name)
-            if stats is None:
-                self.metrics.command(name, "ok", started)
-            else:
-                stats.counts[bisect_left(COMMAND_BUCKETS, seconds)] += 1
-                stats.sum += seconds
+            self.metrics.command(name, "ok", started)
 
     def _error(self, client, exc, msgid, name=None, started=None):
         _log.info("Command {id!r} failed: {error!r}", id=msgid, error=exc)
