@@ -1,9 +1,10 @@
 """
 The worker's metrics: plain counters on the hot path, Prometheus at a scrape.
 
-Counting is an integer or dict increment where it happens (a command
-replied, a frame written, a node triggered); gauges (clients, queues,
-parked bytes, busy children) are read when scraped. C{prometheus_client} is
+Counting is an integer or list increment where it happens (a command
+replied, a node triggered), or on the connection that sent a frame, summed
+when scraped; gauges (clients, queues, parked bytes, busy children) are
+read when scraped. C{prometheus_client} is
 imported only at the first scrape (it costs about 1 MB of an idle worker's
 memory) unless a host application hands over its own registry: L{Collector}
 then turns the counters into its metric families, and its C{generate_latest}
@@ -17,10 +18,10 @@ from funcnodes_tw import isolation
 
 #: Seconds: commands, from the frame to the reply.
 COMMAND_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 )
 #: Seconds: node triggers and saves.
-SLOW_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
+SLOW_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 #: Why the worker closed a client, by the close code it sent.
 CUT_OFF_REASONS = {
     1001: "going_away",
@@ -91,9 +92,9 @@ class Metrics:
         self.known_commands = known_commands
         #: Known names and L{UNKNOWN_COMMAND} only -> L{CommandStats}.
         self.command_seconds = {}
-        self.sent = {"json": [0, 0], "binary": [0, 0], "large": [0, 0]}  # kind -> [messages, bytes]
-        #: C{sent["json"]}, C{sent["binary"]}: indexed by a frame's "is binary".
-        self.by_binary = (self.sent["json"], self.sent["binary"])
+        #: kind -> [messages, bytes]: large messages, and what closed
+        #: connections sent (open ones count their own, L{sent_now}).
+        self.sent = {"json": [0, 0], "binary": [0, 0], "large": [0, 0]}
         self.cut_off = {}  # reason -> count
         self.triggers = 0
         self.trigger_errors = 0
@@ -107,17 +108,22 @@ class Metrics:
 
     def command(self, name, outcome, started):
         """
-        One reply: a dict lookup and a bucket in the usual case.
+        One reply. Replies that succeed skip this: L{funcnodes_tw.rpc}
+        counts them inline, once L{command_stats} has made their entry.
         """
-        try:
-            stats = self.command_seconds[name]
-        except (KeyError, TypeError):  # first call, a name we do not know, or a list
-            stats = self._command_stats(name)
+        stats = self.command_stats(name)
         stats.observe(perf_counter() - started)
         if outcome != "ok":
             stats.failed[outcome] = stats.failed.get(outcome, 0) + 1
 
-    def _command_stats(self, name):
+    def command_stats(self, name):
+        """
+        The L{CommandStats} of a command name a client sent.
+        """
+        try:
+            return self.command_seconds[name]
+        except (KeyError, TypeError):  # first call, a name we do not know, or a list
+            pass
         if not (isinstance(name, str) and name in self.known_commands):
             name = UNKNOWN_COMMAND
         stats = self.command_seconds.get(name)
@@ -139,10 +145,20 @@ class Metrics:
                 counts[name, outcome] = n
         return counts
 
-    def sent_frame(self, binary, size):
-        counts = self.by_binary[binary]
-        counts[0] += 1
-        counts[1] += size
+    def connection_closed(self, connection):
+        """
+        Keep what a connection sent (L{WorkerProtocol.sent}) in the totals.
+        """
+        _add_sent(self.sent, connection)
+
+    def sent_now(self, connections):
+        """
+        C{{kind: [messages, bytes]}}: the totals and what open connections sent.
+        """
+        now = {kind: list(counts) for kind, counts in self.sent.items()}
+        for connection in connections:
+            _add_sent(now, connection)
+        return now
 
     def parked(self, size):
         """
@@ -179,6 +195,12 @@ class Metrics:
         self.save_seconds.observe(perf_counter() - started)
 
 
+def _add_sent(totals, connection):
+    for kind, (messages, size) in zip(("json", "binary"), connection.sent):
+        totals[kind][0] += messages
+        totals[kind][1] += size
+
+
 def pool_busy():
     """
     Children of the process pool running a call now (0 without a pool).
@@ -199,7 +221,8 @@ class Collector:
     A C{prometheus_client} collector of one worker's L{Metrics} and gauges.
 
     @param gauges: the service's scrape-time readings: a callable returning
-        C{clients}, C{largest_queue} and C{parked_bytes}.
+        C{clients}, C{largest_queue}, C{parked_bytes} and C{sent}
+        (L{Metrics.sent_now}).
     @param labels: constant labels (C{worker} when several workers share a
         host's registry).
     """
@@ -215,7 +238,7 @@ class Collector:
         from prometheus_client.core import HistogramMetricFamily as HistogramFamily
 
         m, gauges = self.metrics, self.gauges()
-        sent = sorted(m.sent.items())
+        sent = sorted(gauges["sent"].items())
         yield self._one(Gauge, "clients", "Connected WebSocket clients.", gauges["clients"])
         yield self._by(
             Counter, "commands", "RPC commands by name and outcome.", ("command", "outcome"),

@@ -114,6 +114,10 @@ class WorkerProtocol(WebSocketServerProtocol):
     #: Whether Autobahn's internals that the fast paths read are there;
     #: decided once the connection is open.
     _fast = False
+    #: Whether to count what is sent (the worker has metrics on), and the
+    #: counts: messages and their bytes (payloads, without the framing).
+    _counting = False
+    json_sent = json_bytes = binary_sent = binary_bytes = 0
 
     def onConnect(self, request):
         limit = self.factory.max_connections
@@ -132,6 +136,7 @@ class WorkerProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         self._fast = _PARSER.usable(self)
+        self._counting = self.factory.metrics is not None
         self._commands = deque()
         self._busy = False
         self.outbox = Outbox(
@@ -195,12 +200,21 @@ class WorkerProtocol(WebSocketServerProtocol):
         outbox = getattr(self, "outbox", None)
         if outbox is not None:
             outbox.stopProducing()
-        if self.factory.metrics is not None:
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.connection_closed(self)
             if self.closedByMe and self.localCloseCode:
-                self.factory.metrics.closed(self.localCloseCode)
+                metrics.closed(self.localCloseCode)
             elif self.droppedByMe and not wasClean:
                 ping = (self.wasNotCleanReason or "").startswith("WebSocket ping timeout")
-                self.factory.metrics.closed("ping_timeout" if ping else "dropped")
+                metrics.closed("ping_timeout" if ping else "dropped")
+
+    @property
+    def sent(self):
+        """
+        C{((json messages, bytes), (binary messages, bytes))} sent so far.
+        """
+        return (self.json_sent, self.json_bytes), (self.binary_sent, self.binary_bytes)
 
     def send_text(self, payload, hold=False):
         """
@@ -237,12 +251,10 @@ class WorkerProtocol(WebSocketServerProtocol):
         """
         if self.state != self.STATE_OPEN:
             return
-        metrics = self.factory.metrics
         if kind is PREPARED:
             self.sendPreparedMessage(item)
-            if metrics is not None:
-                frame = item.payloadHybi
-                metrics.sent_frame(frame[0] == BINARY_FIN, len(frame))
+            frame = item.payloadHybi
+            binary, size = frame[0] == BINARY_FIN, payload_length(frame)
         else:
             # Framed here, not by sendMessage: no compression is negotiated,
             # and its checks cost more than a small reply. Nor does its cap,
@@ -250,18 +262,26 @@ class WorkerProtocol(WebSocketServerProtocol):
             # send (the reference's aiohttp max_msg_size is inbound only);
             # big text is already a large_message pointer, and big binary
             # values have no fallback.
-            if kind:
-                head, payload = frame_header(len(item), True) + item.head, item.payload
+            binary, size = kind, len(item)
+            if binary:
+                head, payload = frame_header(size, True) + item.head, item.payload
             else:
-                head, payload = frame_header(len(item), False), item
-            if metrics is not None:
-                metrics.sent_frame(kind, len(head) + len(payload))
+                head, payload = frame_header(size, False), item
             if len(payload) < SCATTER_MIN or not self._fast or self.send_queue:
                 self.sendData(head + payload)
             else:
                 # A big payload is written as it is, after what was corked.
                 self._uncork()
                 send_now(self.transport, head, payload)
+        # Counted here, not in a Metrics method: every reply passes by, and
+        # a call would cost more than the counting (bench: metrics_cost).
+        if self._counting:
+            if binary:
+                self.binary_sent += 1
+                self.binary_bytes += size
+            else:
+                self.json_sent += 1
+                self.json_bytes += size
 
     def sendData(self, data, sync=False, chopsize=None):
         """
@@ -419,6 +439,18 @@ def frame_header(length, binary):
     if length < 0x10000:
         return bytes((first, 126)) + length.to_bytes(2, "big")
     return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+def payload_length(frame):
+    """
+    The payload length in the header of an unmasked frame (L{frame_header}).
+    """
+    length = frame[1]
+    if length == 126:
+        return int.from_bytes(frame[2:4], "big")
+    if length == 127:
+        return int.from_bytes(frame[2:10], "big")
+    return length
 
 
 def send_now(transport, data, payload=b""):

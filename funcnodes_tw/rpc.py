@@ -5,11 +5,16 @@ Used by the WebSocket protocol and by C{POST /message/} (which has no
 connection, so its replies are broadcast, as the reference does).
 """
 
+from bisect import bisect_left
 from time import perf_counter
 
 from twisted.logger import Logger
 
 from funcnodes_tw import commands, wire
+from funcnodes_tw.metrics import COMMAND_BUCKETS
+
+#: The first bucket's bound: most replies fall in it, without a bisect.
+_FASTEST = COMMAND_BUCKETS[0]
 
 _log = Logger()
 
@@ -31,6 +36,8 @@ class Dispatcher:
         self.hub = hub
         self.timeout = timeout
         self.metrics = metrics
+        if metrics is not None:
+            self._command_seconds = metrics.command_seconds
 
     def parse(self, client, payload):
         """
@@ -83,7 +90,17 @@ class Dispatcher:
         else:
             self.hub.send(client, wire.result(result, msgid))
         if started is not None:
-            self.metrics.command(name, "ok", started)
+            # Metrics.command(name, "ok", started) inline: every reply passes
+            # here, and a call would cost more than the counting.
+            seconds = perf_counter() - started
+            try:
+                stats = self._command_seconds[name]
+            except (KeyError, TypeError):  # its first reply, or a worker's own command
+                stats = self.metrics.command_stats(name)
+            stats.counts[
+                0 if seconds <= _FASTEST else bisect_left(COMMAND_BUCKETS, seconds)
+            ] += 1
+            stats.sum += seconds
 
     def _error(self, client, exc, msgid, name=None, started=None):
         _log.info("Command {id!r} failed: {error!r}", id=msgid, error=exc)

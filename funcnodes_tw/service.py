@@ -170,6 +170,7 @@ class WorkerService(MultiService):
             "clients": len(clients),
             "largest_queue": max((client.outbox.size for client in clients), default=0),
             "parked_bytes": self.store.size,
+            "sent": self.metrics.sent_now(clients),
         }
 
     def health(self):

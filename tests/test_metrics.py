@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from funcnodes_tw import commands
 from funcnodes_tw.metrics import Histogram, Metrics
+from funcnodes_tw.protocol import frame_header, payload_length
 from funcnodes_tw.service import create
 from inprocess import TOKEN, failing, start, texts  # noqa: F401 (fixture)
 from test_faults import is_event
@@ -88,6 +89,52 @@ def test_counters_move_with_real_traffic(start, monkeypatch):
     assert value(after, "funcnodes_process_pool_busy") == 0
     assert value(after, "funcnodes_reactor_stalls_total") == 0
     assert 0 <= value(after, "funcnodes_reactor_lag_seconds") < 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_messages_and_bytes_sent_are_what_the_client_received(start):
+    """
+    Each connection counts what it sends; a closed one's counts stay in
+    the totals. Bytes are the messages' payloads, as the client gets them.
+    """
+    worker = yield start(name="sent")
+    client = yield worker.connect()
+    yield client.wait_quiet()
+    received = []
+    proto = client._proto
+    on_message = proto.onMessage
+    proto.onMessage = lambda payload, binary: (
+        received.append((binary, len(payload))), on_message(payload, binary)
+    )
+    before = yield scrape(worker)
+    for _ in range(3):
+        yield client.call("uuid")
+    yield client.call("uuid", as_bytes=True)
+    client.send_json({"type": "ping"})  # the pong is a prepared frame
+    yield client.wait_for(lambda message: message.get("type") == "pong")
+    yield client.call("add_shelf", src="fault_nodes")  # broadcasts, prepared too
+    yield client.wait_quiet()
+    after = yield scrape(worker)
+    yield client.close()
+    closed = yield scrape(worker)
+
+    json_frames = [size for binary, size in received if not binary]
+    binary_frames = [size for binary, size in received if binary]
+    assert len(json_frames) >= 6 and len(binary_frames) == 1
+    for found in (after, closed):
+        def moved(name, kind):
+            return value(found, name, kind=kind) - value(before, name, kind=kind)
+
+        assert moved("funcnodes_sent_messages_total", "json") == len(json_frames)
+        assert moved("funcnodes_sent_bytes_total", "json") == sum(json_frames)
+        assert moved("funcnodes_sent_messages_total", "binary") == 1
+        assert moved("funcnodes_sent_bytes_total", "binary") == binary_frames[0]
+
+
+def test_the_payload_length_of_a_prepared_frame_is_read_from_its_header():
+    for size in (0, 125, 126, 65535, 65536):
+        frame = frame_header(size, False) + b"x" * size
+        assert payload_length(frame) == size
 
 
 @pytest_twisted.inlineCallbacks
