@@ -507,8 +507,9 @@ async def _pipelined(ws, calls: int, depth: int) -> None:
 
 
 async def measure_pipelined(w: Worker, socks: List, per_client: int, depth: int) -> Dict[str, float]:
-    """``per_client`` pipelined ``uuid`` calls on each socket at once: rate and CPU."""
-    cpu0, own0 = w.cpu(), time.process_time()
+    """``per_client`` pipelined ``uuid`` calls on each socket at once: rate and CPU
+    (``sched_seconds``: from schedstat, in nanoseconds)."""
+    cpu0, sched0, own0 = w.cpu(), sched_seconds(w.pid), time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*(_pipelined(ws, per_client, depth) for ws in socks))
     seconds = time.perf_counter() - t0
@@ -518,6 +519,7 @@ async def measure_pipelined(w: Worker, socks: List, per_client: int, depth: int)
         "seconds": seconds,
         "calls_per_s": calls / seconds,
         "cpu_seconds": w.cpu() - cpu0,
+        "sched_seconds": sched_seconds(w.pid) - sched0,
         "bench_cpu_seconds": time.process_time() - own0,
     }
 

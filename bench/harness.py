@@ -337,7 +337,10 @@ def free_port() -> int:
 class Worker:
     """A worker subprocess (``side`` "tw" or "ref") and the bench's client to it."""
 
-    def __init__(self, side: str, run_dir: Path, env: Dict[str, str], options=()):
+    def __init__(self, side: str, run_dir: Path, env: Dict[str, str], options=(),
+                 prefix=(), cpus=None):
+        """``prefix``: a command the worker runs under (e.g. valgrind); ``cpus``: the
+        CPUs it (and every thread it starts) may run on."""
         self.side = side
         self.title = TITLES[side]
         self.base = run_dir / side
@@ -355,7 +358,9 @@ class Worker:
             TMPDIR=str(self.tmp_dir),
             PYTHONUNBUFFERED="1",
         )
-        self.argv = [sys.executable, *ARGV[side], "--host", "127.0.0.1", "--port", str(self.port)]
+        self.cpus = cpus
+        self.argv = [*prefix, sys.executable, *ARGV[side], "--host", "127.0.0.1",
+                     "--port", str(self.port)]
         self.argv += ["--data-path", str(self.data_path), "--uuid", self.uuid, *options]
         self.proc: Optional[subprocess.Popen] = None
         self.session: Optional[aiohttp.ClientSession] = None
@@ -381,6 +386,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, cwd=self.base, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=err,
+                preexec_fn=None if self.cpus is None else lambda: os.sched_setaffinity(0, self.cpus),
             )
         _LIVE.add(self)
 

@@ -12,6 +12,7 @@ writes the exposition.
 """
 
 from bisect import bisect_left
+from collections import Counter
 from time import perf_counter
 
 from funcnodes_tw import isolation
@@ -79,6 +80,24 @@ class CommandStats(Histogram):
         self.failed = {}  # outcome -> count
 
 
+class Read:
+    """
+    One read from a client's socket, and when it was read: its commands are
+    timed from then. Those replied while it is handled are noted by name and
+    timed together when it is done, as their replies leave then (corked, see
+    L{funcnodes_tw.protocol}); one replied later is timed on its own.
+
+    @ivar open: whether it is still being handled.
+    """
+
+    __slots__ = ("at", "replied", "open")
+
+    def __init__(self, at, open=True):
+        self.at = at
+        self.replied = []
+        self.open = open
+
+
 class Metrics:
     """
     What one worker counts. The service reads the gauges from its parts.
@@ -108,13 +127,32 @@ class Metrics:
 
     def command(self, name, outcome, started):
         """
-        One reply. Replies that succeed skip this: L{funcnodes_tw.rpc}
-        counts them inline, once L{command_stats} has made their entry.
+        One reply, now, to a command that came at C{started} (C{perf_counter}).
         """
         stats = self.command_stats(name)
         stats.observe(perf_counter() - started)
         if outcome != "ok":
             stats.failed[outcome] = stats.failed.get(outcome, 0) + 1
+
+    def read_done(self, read):
+        """
+        A L{Read} was handled: time the replies sent meanwhile, all alike.
+        """
+        read.open = False
+        names = read.replied
+        if not names:
+            return
+        seconds = perf_counter() - read.at
+        index = bisect_left(COMMAND_BUCKETS, seconds)
+        first = names[0]
+        if names.count(first) == len(names):  # one command name, as pipelines send
+            replies = ((first, len(names)),)
+        else:
+            replies = Counter(names).items()
+        for name, count in replies:
+            stats = self.command_stats(name)
+            stats.counts[index] += count
+            stats.sum += seconds * count
 
     def command_stats(self, name):
         """

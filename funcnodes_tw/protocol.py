@@ -9,6 +9,7 @@ the UI never marks a busy worker as unresponsive.
 import socket
 from collections import deque
 from contextlib import contextmanager
+from time import perf_counter
 
 import txaio
 from autobahn.twisted.websocket import (
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 
 from funcnodes_tw import __version__, wire
 from funcnodes_tw.internals import Internals
+from funcnodes_tw.metrics import Read
 from funcnodes_tw.outbox import Outbox
 
 #: The outbox kind of a message framed once for several clients.
@@ -114,9 +116,11 @@ class WorkerProtocol(WebSocketServerProtocol):
     #: Whether Autobahn's internals that the fast paths read are there;
     #: decided once the connection is open.
     _fast = False
-    #: Whether to count what is sent (the worker has metrics on), and the
-    #: counts: messages and their bytes (payloads, without the framing).
+    #: Whether to count what is sent and time commands (the worker has
+    #: metrics on), the read being handled, and the counts: messages and
+    #: their bytes (payloads, without the framing).
     _counting = False
+    _read = None
     json_sent = json_bytes = binary_sent = binary_bytes = 0
 
     def onConnect(self, request):
@@ -162,32 +166,37 @@ class WorkerProtocol(WebSocketServerProtocol):
         message = self.factory.dispatcher.parse(self, payload)
         if message is None:
             return
-        if len(self._commands) >= MAX_WAITING_COMMANDS:
+        if not self._busy:
+            self._run(message, self._read)
+        elif len(self._commands) >= MAX_WAITING_COMMANDS:
             error = wire.MessageError("Too many commands waiting; wait for replies")
             self.factory.hub.send(self, wire.error(error, message.get("id")))
-            return
-        self._commands.append(message)
-        if not self._busy:
-            self._run_commands()
+        else:  # behind a slow one, with the read it came in (timed from then)
+            self._commands.append((message, self._read))
 
-    def _run_commands(self, _=None):
+    def _run(self, message, read):
         """
-        Run waiting commands in order: at once while they finish at once,
-        and the next one only when a slow one has replied.
+        Run a command; until it has replied, the next ones wait.
+        """
+        d = self.factory.dispatcher.run(self, message, read)
+        if d is None:
+            return
+        # Not d.called: a Deferred paused on an inner one (DeferredLock.run
+        # in save, export_worker) is called before its reply is sent.
+        replied = []
+        d.addBoth(lambda result: replied.append(True) or result)
+        if not replied:
+            self._busy = True
+            d.addBoth(self._run_waiting)
+
+    def _run_waiting(self, _=None):
+        """
+        Run the commands that waited, in order, until one is slow again.
         """
         self._busy = False
-        while self._commands:
-            d = self.factory.dispatcher.run(self, self._commands.popleft())
-            if d is None:
-                continue
-            # Not d.called: a Deferred paused on an inner one (DeferredLock.run
-            # in save, export_worker) is called before its reply is sent.
-            replied = []
-            d.addBoth(lambda result: replied.append(True) or result)
-            if not replied:
-                self._busy = True
-                d.addBoth(self._run_commands)
-                return
+        while self._commands and not self._busy:
+            message, read = self._commands.popleft()
+            self._run(message, read)
 
     def onClose(self, wasClean, code, reason):
         # Autobahn leaves the timer of a closing handshake we started (1002,
@@ -304,6 +313,16 @@ class WorkerProtocol(WebSocketServerProtocol):
         # Not Autobahn's, which formats a debug line for every read even
         # with debug logging off.
         self._heard_at = self._clock.seconds()  # for _sendAutoPing
+        if not self._counting:
+            self._handle(data)
+            return
+        self._read = read = Read(perf_counter())
+        try:
+            self._handle(data)
+        finally:
+            self.factory.metrics.read_done(read)
+
+    def _handle(self, data):
         if not self._fast:
             super().dataReceived(data)
             return

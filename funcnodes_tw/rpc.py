@@ -5,16 +5,12 @@ Used by the WebSocket protocol and by C{POST /message/} (which has no
 connection, so its replies are broadcast, as the reference does).
 """
 
-from bisect import bisect_left
 from time import perf_counter
 
 from twisted.logger import Logger
 
 from funcnodes_tw import commands, wire
-from funcnodes_tw.metrics import COMMAND_BUCKETS
-
-#: The first bucket's bound: most replies fall in it, without a bisect.
-_FASTEST = COMMAND_BUCKETS[0]
+from funcnodes_tw.metrics import Read
 
 _log = Logger()
 
@@ -36,8 +32,6 @@ class Dispatcher:
         self.hub = hub
         self.timeout = timeout
         self.metrics = metrics
-        if metrics is not None:
-            self._command_seconds = metrics.command_seconds
 
     def parse(self, client, payload):
         """
@@ -60,54 +54,51 @@ class Dispatcher:
             return None
         return message
 
-    def run(self, client, message):
+    def run(self, client, message, read=None):
         """
         Run one command message; the Deferred fires once the reply is sent.
+
+        @param read: the L{Read} that brought the message, when metrics are
+            on; None: it came just now.
         """
         msgid = message.get("id")
         name = message.get("cmd")
-        started = None if self.metrics is None else perf_counter()
+        if read is None and self.metrics is not None:
+            read = Read(perf_counter(), open=False)
         if "cmd" not in message:
             error = wire.MessageError("A command message needs 'cmd'")
-            self._error(client, error, msgid, name, started)
+            self._error(client, error, msgid, name, read)
             return None
         try:
             d = commands.run(self.worker, name, message.get("kwargs"))
         except Exception as exc:
-            self._error(client, exc, msgid, name, started)
+            self._error(client, exc, msgid, name, read)
             return None
         if self.timeout and not d.called:
             d.addTimeout(self.timeout, self.worker.clock, _timed_out(name, self.timeout))
-        d.addCallback(self._reply, client, msgid, message.get("as_bytes"), name, started)
-        d.addErrback(lambda failure: self._error(client, failure.value, msgid, name, started))
+        d.addCallback(self._reply, client, msgid, message.get("as_bytes"), name, read)
+        d.addErrback(lambda failure: self._error(client, failure.value, msgid, name, read))
         return d
 
-    def _reply(self, result, client, msgid, as_bytes, name=None, started=None):
+    def _reply(self, result, client, msgid, as_bytes, name=None, read=None):
         if as_bytes:
             mime, payload = wire.encode_value(result, preview=False)
             header = {"id": msgid, "mime": mime, "type": "result"}
             self.hub.send_binary(client, payload, header)
         else:
             self.hub.send(client, wire.result(result, msgid))
-        if started is not None:
-            # Metrics.command(name, "ok", started) inline: every reply passes
-            # here, and a call would cost more than the counting.
-            seconds = perf_counter() - started
-            try:
-                stats = self._command_seconds[name]
-            except (KeyError, TypeError):  # its first reply, or a worker's own command
-                stats = self.metrics.command_stats(name)
-            stats.counts[
-                0 if seconds <= _FASTEST else bisect_left(COMMAND_BUCKETS, seconds)
-            ] += 1
-            stats.sum += seconds
+        if read is not None:
+            if read.open:  # timed with the read's other replies (Metrics.read_done)
+                read.replied.append(name)
+            else:
+                self.metrics.command(name, "ok", read.at)
 
-    def _error(self, client, exc, msgid, name=None, started=None):
+    def _error(self, client, exc, msgid, name=None, read=None):
         _log.info("Command {id!r} failed: {error!r}", id=msgid, error=exc)
         self.hub.send(client, wire.error(exc, msgid, self.worker.debug))
-        if started is not None:
+        if read is not None:
             outcome = "timeout" if isinstance(exc, CommandTimeout) else "error"
-            self.metrics.command(name, outcome, started)
+            self.metrics.command(name, outcome, read.at)
 
 
 def _timed_out(name, timeout):
