@@ -4,16 +4,19 @@ own parser, before and after real traffic; its token; turning it off; a
 host application's registry.
 """
 
+from time import perf_counter
+
 import pytest
 import pytest_twisted
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer
 
 from funcnodes_tw import commands
-from funcnodes_tw.metrics import Histogram, Metrics
+from funcnodes_tw.metrics import Histogram, Metrics, Read
 from funcnodes_tw.protocol import frame_header, payload_length
 from funcnodes_tw.service import create
-from inprocess import TOKEN, failing, start, texts  # noqa: F401 (fixture)
+from inprocess import TOKEN, failing, sleeper, start, texts  # noqa: F401 (fixture)
 from test_faults import is_event
 
 
@@ -129,6 +132,41 @@ def test_messages_and_bytes_sent_are_what_the_client_received(start):
         assert moved("funcnodes_sent_bytes_total", "json") == sum(json_frames)
         assert moved("funcnodes_sent_messages_total", "binary") == 1
         assert moved("funcnodes_sent_bytes_total", "binary") == binary_frames[0]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_command_waiting_behind_a_slow_one_is_timed_from_its_read(start, monkeypatch):
+    sleeper(monkeypatch)
+    worker = yield start(name="waiting")
+    client = yield worker.connect()
+    before = yield scrape(worker)
+    slow = client.call("test_sleep", seconds=0.3)
+    quick = client.call("uuid")  # runs once test_sleep has replied
+    yield defer.gatherResults([slow, quick])
+    after = yield scrape(worker)
+
+    def moved(command, le):
+        name = "funcnodes_command_duration_seconds_bucket"
+        return value(after, name, command=command, le=le) - value(
+            before, name, command=command, le=le
+        )
+
+    for command in ("test_sleep", "uuid"):
+        assert moved(command, "0.25") == 0, command
+        assert moved(command, "0.5") == 1, command
+
+
+def test_the_replies_of_one_read_are_timed_together():
+    metrics = Metrics(commands.COMMANDS)
+    read = Read(perf_counter() - 0.03)
+    read.replied += ["uuid", "add_node", "uuid"]
+    metrics.read_done(read)
+    assert not read.open
+    uuid, add_node = metrics.command_seconds["uuid"], metrics.command_seconds["add_node"]
+    assert sum(uuid.counts) == 2 and sum(add_node.counts) == 1
+    assert uuid.counts.index(2) == add_node.counts.index(1)
+    assert uuid.sum == 2 * add_node.sum >= 0.06
+    assert metrics.commands == {("uuid", "ok"): 2, ("add_node", "ok"): 1}
 
 
 def test_the_payload_length_of_a_prepared_frame_is_read_from_its_header():
