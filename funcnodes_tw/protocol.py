@@ -323,6 +323,10 @@ class WorkerProtocol(WebSocketServerProtocol):
             self.factory.metrics.read_done(read)
 
     def _handle(self, data):
+        """
+        One read: its commands run as their frames are taken, and the frames
+        they send leave together at the end (L{corked}).
+        """
         if not self._fast:
             super().dataReceived(data)
             return
