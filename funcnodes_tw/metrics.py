@@ -1,14 +1,14 @@
 """
 The worker's metrics: plain counters on the hot path, Prometheus at a scrape.
 
-Counting is an integer or list increment where it happens (a command
-replied, a node triggered), or on the connection that sent a frame, summed
-when scraped; gauges (clients, queues, parked bytes, busy children) are
-read when scraped. C{prometheus_client} is
-imported only at the first scrape (it costs about 1 MB of an idle worker's
-memory) unless a host application hands over its own registry: L{Collector}
-then turns the counters into its metric families, and its C{generate_latest}
-writes the exposition.
+Counting is an integer or list increment where it happens (a node
+triggered, a save), on the connection that sent a frame (summed when
+scraped), or per read from a client's socket for the commands it brought
+(L{Read}); gauges (clients, queues, parked bytes, busy children) are read
+when scraped. C{prometheus_client} is imported only at the first scrape (it
+costs about 1 MB of an idle worker's memory) unless a host application
+hands over its own registry: L{Collector} then turns the counters into its
+metric families, and its C{generate_latest} writes the exposition.
 """
 
 from bisect import bisect_left
@@ -17,7 +17,7 @@ from time import perf_counter
 
 from funcnodes_tw import isolation
 
-#: Seconds: commands, from the frame to the reply.
+#: Seconds: commands, from the read that brought them to their reply leaving.
 COMMAND_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 )
