@@ -262,6 +262,8 @@ class WorkerProtocol(WebSocketServerProtocol):
             return
         if kind is PREPARED:
             self.sendPreparedMessage(item)
+            if not self._counting:
+                return
             frame = item.payloadHybi
             binary, size = frame[0] == BINARY_FIN, payload_length(frame)
         else:
